@@ -1,0 +1,25 @@
+"""quotagate's quota and rate engine: token buckets and calendar-day quotas, decided atomically in Redis.
+
+It knows nothing of HTTP: callers pass an account, the limits that apply and a cost.
+"""
+
+from limits.decision import Decision, LimitState
+from limits.engine import Engine
+from limits.errors import ClockSkew, LimitsError, StoreUnavailable
+from limits.policy import PERIODS, Bucket, DailyQuota, Limit, LimitSet
+from limits.store import connect
+
+__all__ = [
+    "PERIODS",
+    "Bucket",
+    "ClockSkew",
+    "DailyQuota",
+    "Decision",
+    "Engine",
+    "Limit",
+    "LimitSet",
+    "LimitState",
+    "LimitsError",
+    "StoreUnavailable",
+    "connect",
+]

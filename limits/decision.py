@@ -1,0 +1,37 @@
+"""The outcome of one decision: frozen values the gateway turns into an answer and headers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from limits.policy import Limit
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """Where one limit stands after a decision."""
+
+    limit: Limit
+    remaining: int | None  # None: an unlimited quota
+    reset_after: float  # seconds until a bucket is full again, or until the quota's day ends
+    retry_after: float | None  # seconds until it would admit the request; 0 now; None never
+    day_start_us: int  # start of the day a quota charged, µs; 0 for buckets
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Admitted or refused, with the state of every limit of the request."""
+
+    allowed: bool
+    cost: int
+    now_us: int
+    states: tuple[LimitState, ...]
+    denied_by: LimitState | None
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds until every limit would admit the same request; None if one never will."""
+        waits = [s.retry_after for s in self.states]
+        if any(w is None for w in waits):
+            return None
+        return max((w for w in waits if w is not None), default=0.0)

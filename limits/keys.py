@@ -1,0 +1,9 @@
+"""The one place that names the engine's Redis keys."""
+
+# The account sits in a hash tag, so every key of one account lands on the same Redis Cluster
+# slot and a multi-key script runs unchanged on a cluster.
+
+
+def counter_key(account: str, counter: str) -> str:
+    """Key of one limit's counter for one account."""
+    return f"qg:{{{account}}}:{counter}"

@@ -1,0 +1,72 @@
+"""The limits a plan applies to each request: frozen values, built once per config load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
+
+PERIODS: dict[str, int] = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """A token bucket: `rate` units per `period` seconds sustained, up to `burst` at once."""
+
+    name: str
+    counter: str
+    rate: int
+    period: int
+    burst: int
+
+    def __post_init__(self) -> None:
+        if self.rate < 1 or self.period < 1 or self.burst < 1:
+            raise ValueError(f"bucket {self.name!r}: rate, period and burst must be at least 1")
+
+    @property
+    def interval_us(self) -> int:
+        """Microseconds the bucket takes to refill one unit."""
+        return round(self.period * 1_000_000 / self.rate)
+
+
+@dataclass(frozen=True, slots=True)
+class DailyQuota:
+    """Units per calendar day in `timezone`; `limit=None` counts usage and never refuses."""
+
+    name: str
+    counter: str
+    limit: int | None
+    timezone: ZoneInfo
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"quota {self.name!r}: limit must be 0 or more, or None for unlimited")
+
+
+Limit = Bucket | DailyQuota
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSet:
+    """Every limit one request is charged against, buckets first (the order the scripts expect).
+
+    `name` identifies the set in errors and logs; `counter` names a limit's Redis key, so a plan
+    change or a temporary override that keeps the counter keeps the usage counted so far.
+    """
+
+    buckets: tuple[Bucket, ...] = ()
+    quotas: tuple[DailyQuota, ...] = ()
+    bucket_args: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        counters = [limit.counter for limit in self]
+        if len(set(counters)) != len(counters):
+            raise ValueError(f"two limits share a counter: {counters}")
+        args = tuple(n for b in self.buckets for n in (b.interval_us, b.burst))
+        object.__setattr__(self, "bucket_args", args)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        yield from self.buckets
+        yield from self.quotas
+
+    def __len__(self) -> int:
+        return len(self.buckets) + len(self.quotas)
