@@ -26,7 +26,7 @@ class Decision:
     cost: int
     now_us: int
     states: tuple[LimitState, ...]
-    denied_by: LimitState | None
+    denied_by: LimitState | None  # of the refusing limits, the one that keeps the client waiting longest
 
     @property
     def retry_after(self) -> float | None:

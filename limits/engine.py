@@ -27,9 +27,7 @@ class Engine:
         self._decide = redis.register_script(_script("decide"))
         self._refund = redis.register_script(_script("refund"))
 
-    async def decide(
-        self, account: str, limits: LimitSet, cost: int, *, now: float | None = None
-    ) -> Decision:
+    async def decide(self, account: str, limits: LimitSet, cost: int, *, now: float | None = None) -> Decision:
         """Charge `cost` against every limit, or against none if one refuses."""
         wall = time.time() if now is None else now
         args: list[Any] = [_now_arg(now), cost, len(limits.buckets), *limits.bucket_args]
@@ -86,10 +84,16 @@ def _decision(limits: LimitSet, cost: int, reply: list[int]) -> Decision:
                 day_start_us=day,
             )
         )
+    refusing = [s for s in states if s.retry_after != 0]
     return Decision(
         allowed=denied == 0,
         cost=cost,
         now_us=now_us,
         states=tuple(states),
-        denied_by=states[denied - 1] if denied else None,
+        # The limit that keeps the client waiting longest is the one to report.
+        denied_by=max(refusing, key=_wait) if denied else None,
     )
+
+
+def _wait(state: LimitState) -> float:
+    return float("inf") if state.retry_after is None else state.retry_after

@@ -117,3 +117,11 @@ async def test_keys_of_one_account_share_a_cluster_hash_tag(redis_client: Redis)
     keys = sorted(k.decode() for k in await redis_client.keys("*"))
     assert keys == ["qg:{jo}:daily", "qg:{jo}:rate"]
     assert [await redis_client.pttl(k) > 0 for k in keys] == [True, True]
+
+
+async def test_refusal_names_the_limit_that_keeps_the_client_waiting_longest(redis_client: Redis) -> None:
+    engine, limits = Engine(redis_client), free_plan(daily=3, rate=6, burst=3)
+    assert (await engine.decide("kim", limits, 3, now=NOON)).allowed
+    refused = await engine.decide("kim", limits, 1, now=NOON)  # both the bucket and the day refuse
+    assert refused.denied_by is not None and refused.denied_by.limit.name == "free-daily"
+    assert refused.retry_after == pytest.approx(12 * 3600)

@@ -1,0 +1,52 @@
+"""Admission: charge a request's cost against its plan's limits in one engine call, or refuse it."""
+
+from __future__ import annotations
+
+from gateway.config import Plan
+from gateway.errors import ApiError, BadRequest, QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway.headers import rate_limit_headers, retry_after
+from gateway.identity import Identity
+from limits import Bucket, Decision, Engine, LimitsError
+
+
+async def admit(engine: Engine, identity: Identity, plan: Plan, cost: int) -> Decision:
+    """The admitting decision; raises the ApiError to answer when the request is refused."""
+    try:
+        decision = await engine.decide(identity.account, plan.limits, cost)
+    except LimitsError as exc:
+        raise ServiceUnavailable(
+            "The quota service is unavailable; retry shortly.", headers={"Retry-After": "1"}
+        ) from exc
+    if not decision.allowed:
+        raise refusal(plan, decision)
+    return decision
+
+
+def refusal(plan: Plan, decision: Decision) -> ApiError:
+    """The answer to a refused decision: 429 with Retry-After, or 400 if no wait would help."""
+    state = decision.denied_by
+    assert state is not None
+    headers = {**rate_limit_headers(plan.limits, decision), **retry_after(decision)}
+    limit = state.limit
+    if isinstance(limit, Bucket):
+        capacity, unit = limit.burst, "images at once"
+    else:
+        capacity, unit = limit.limit or 0, "images per day"
+    if state.retry_after is None:
+        return BadRequest(
+            f"This request costs {decision.cost} images; the {plan.name} plan allows at most {capacity} {unit}.",
+            param="n",
+            headers=headers,
+        )
+    wait = headers.get("Retry-After", "1")
+    if isinstance(limit, Bucket):
+        return RateLimited(
+            f"Rate limit reached for the {plan.name} plan ({limit.rate} images per {limit.period} s, "
+            f"bursts of {limit.burst}). Retry in {wait} s.",
+            headers=headers,
+        )
+    return QuotaExceeded(
+        f"You have used today's {capacity} images on the {plan.name} plan. "
+        f"The quota resets at midnight ({limit.timezone.key}); retry in {wait} s, or upgrade your plan.",
+        headers=headers,
+    )

@@ -1,0 +1,109 @@
+"""Build the gateway's ASGI app: clients are made in lifespan and reached through app state."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.config import Config, load_config
+from gateway.errors import ApiError, ConfigError, handle_api_error
+from gateway.forward import Forwarder
+from gateway.identity import KeyStore
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import proxy
+from gateway.settings import Settings
+from limits import Engine, connect
+
+PROXIED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+@dataclass(slots=True)
+class Services:
+    """Everything a request needs, built once per process."""
+
+    settings: Settings
+    config: Config
+    redis: Redis
+    engine: Engine
+    keys: KeyStore
+    forwarder: Forwarder
+    metrics: GatewayMetrics
+
+
+def check_upstreams(settings: Settings, config: Config) -> None:
+    """Every pool a route names must have URLs in the settings."""
+    for route in config.routes.values():
+        if not settings.upstreams.get(route.upstream):
+            raise ConfigError(
+                f"{config.source}: routes: {route.path} forwards to upstream {route.upstream!r}, "
+                f"which has no URL; set QUOTAGATE_UPSTREAMS='{route.upstream}=http://host:port'"
+            )
+
+
+def create_app(settings: Settings, config: Config, *, registry: CollectorRegistry | None = None) -> Starlette:
+    """The gateway for `settings` and `config`; metrics go to `registry` (a fresh one if None)."""
+    check_upstreams(settings, config)
+    metrics = GatewayMetrics(registry or CollectorRegistry())
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        redis = connect(settings.redis_url, timeout=settings.redis_timeout)
+        session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(
+                sock_connect=settings.upstream_connect_timeout, sock_read=settings.upstream_read_timeout
+            ),
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            auto_decompress=False,
+        )
+        app.state.services = Services(
+            settings=settings,
+            config=config,
+            redis=redis,
+            engine=Engine(redis),
+            keys=KeyStore(redis, settings.key_secret),
+            forwarder=Forwarder(session, settings.upstreams),
+            metrics=metrics,
+        )
+        try:
+            yield
+        finally:
+            await session.close()
+            await redis.aclose()
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        services: Services = request.app.state.services
+        try:
+            await services.redis.ping()
+        except RedisError as exc:
+            return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ready", "config_version": services.config.version})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
+        Route("/{path:path}", proxy, methods=PROXIED_METHODS),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: handle_api_error})
+
+
+def app_from_env() -> Starlette:
+    """uvicorn factory: the gateway configured by QUOTAGATE_* environment variables."""
+    settings = Settings.from_env()
+    return create_app(settings, load_config(settings.config_path))

@@ -1,0 +1,26 @@
+"""What a request costs under its route's rule: a constant, or the `n` of an Images API body."""
+
+from __future__ import annotations
+
+import json
+
+from gateway.config import MAX_IMAGES_PER_REQUEST, Route
+from gateway.errors import BadRequest
+
+
+def request_cost(route: Route, body: bytes) -> int:
+    """Units to charge; BadRequest if the body cannot say."""
+    if route.cost is not None:
+        return route.cost
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}.") from exc
+    if not isinstance(payload, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    n = payload.get("n", 1)
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_REQUEST:
+        raise BadRequest(f"`n` must be a whole number from 1 to {MAX_IMAGES_PER_REQUEST}, got {n!r}.", param="n")
+    return n

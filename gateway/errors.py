@@ -1,0 +1,88 @@
+"""Every error the gateway raises, and the one place that turns them into HTTP answers.
+
+ConfigError                  the quota YAML was refused: "file:line: field: problem"
+ApiError                     an answer to the client, with an OpenAI-shaped JSON body
+ ├── BadRequest              400 invalid_request_error: bad JSON, a bad field
+ ├── Unauthorized            401 invalid_api_key: missing, malformed, unknown or revoked key
+ ├── Forbidden               403 permission_error: the account's plan is not configured
+ ├── NotFound                404 not_found: no route for the path
+ ├── PayloadTooLarge         413 invalid_request_error: body over the configured size
+ ├── QuotaExceeded           429 insufficient_quota: a daily quota is spent
+ ├── RateLimited             429 rate_limit_exceeded: a token bucket is empty
+ ├── BadGateway              502 upstream_error: the backend failed or could not be reached
+ └── ServiceUnavailable      503 service_unavailable: the quota store is down, or overload
+limits.LimitsError           raised by the engine; answered as ServiceUnavailable
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+
+class ConfigError(Exception):
+    """The quota config was refused; the message reads `file:line: field: problem`."""
+
+
+class ApiError(Exception):
+    """An error answered to the client as `{"error": {"message", "type", "param", "code"}}`."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = dict(headers or {})
+
+
+class BadRequest(ApiError):
+    status, type = 400, "invalid_request_error"
+
+
+class Unauthorized(ApiError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class Forbidden(ApiError):
+    status, type = 403, "permission_error"
+
+
+class NotFound(ApiError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class PayloadTooLarge(ApiError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class QuotaExceeded(ApiError):
+    status, type, code = 429, "insufficient_quota", "insufficient_quota"
+
+
+class RateLimited(ApiError):
+    status, type, code = 429, "requests", "rate_limit_exceeded"
+
+
+class BadGateway(ApiError):
+    status, type, code = 502, "server_error", "upstream_error"
+
+
+class ServiceUnavailable(ApiError):
+    status, type, code = 503, "server_error", "service_unavailable"
+
+
+def error_response(exc: ApiError, extra_headers: Mapping[str, str] | None = None) -> Response:
+    """The JSON answer for `exc`."""
+    body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+    return JSONResponse(body, status_code=exc.status, headers={**(extra_headers or {}), **exc.headers})
+
+
+async def handle_api_error(request: Request, exc: Exception) -> Response:
+    """Starlette exception handler: every ApiError that escapes a route becomes its JSON answer."""
+    assert isinstance(exc, ApiError)
+    return error_response(exc)

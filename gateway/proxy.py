@@ -1,0 +1,145 @@
+"""One proxied request, start to end: identity → plan → admission → forward → settle → metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.admission import admit
+from gateway.config import Plan
+from gateway.cost import request_cost
+from gateway.errors import (
+    ApiError,
+    BadGateway,
+    BadRequest,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    QuotaExceeded,
+    RateLimited,
+    ServiceUnavailable,
+    Unauthorized,
+    error_response,
+)
+from gateway.forward import upstream_headers
+from gateway.headers import rate_limit_headers
+from gateway.identity import Identity
+from limits import Decision, LimitsError
+
+if TYPE_CHECKING:
+    from gateway.app import Services
+
+log = logging.getLogger("quotagate.proxy")
+
+
+async def proxy(request: Request) -> Response:
+    """Decide the request against its plan and, if admitted, forward it; refund what fails."""
+    services: Services = request.app.state.services
+    config = services.config
+    route = config.routes.get(request.url.path)
+    if route is None:
+        return error_response(NotFound(f"No route for {request.method} {request.url.path}."))
+    plan_label = "none"
+    try:
+        identity = await services.keys.authenticate(_bearer(request))
+        plan = config.plans.get(identity.plan)
+        if plan is None:
+            raise Forbidden(f"This account's plan {identity.plan!r} is not offered; contact support.")
+        plan_label = plan.name
+        body = await _read_body(request, services.settings.max_body_bytes)
+        cost = request_cost(route, body)
+        started = time.perf_counter()
+        decision = await admit(services.engine, identity, plan, cost)
+        services.metrics.decision_seconds.observe(time.perf_counter() - started)
+    except ApiError as exc:
+        services.metrics.requests.labels(plan_label, route.path, _outcome(exc)).inc()
+        return error_response(exc)
+    services.metrics.images_charged.labels(plan.name).inc(cost)
+
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    answer_headers = {**rate_limit_headers(plan.limits, decision), "X-Request-Id": request_id}
+    forwarded = upstream_headers(
+        request.headers,
+        {
+            "X-Request-Id": request_id,
+            "X-Forwarded-For": _forwarded_for(request),
+            "X-Quotagate-Priority": str(plan.priority),
+            "X-Quotagate-Plan": plan.name,
+        },
+    )
+    path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    started = time.perf_counter()
+    try:
+        upstream = await services.forwarder.send(route.upstream, request.method, path_qs, forwarded, body)
+    except BadGateway as exc:
+        await _refund(services, identity, plan, decision)
+        services.metrics.requests.labels(plan.name, route.path, "upstream_error").inc()
+        return error_response(exc, answer_headers)
+    finally:
+        services.metrics.upstream_seconds.labels(route.path).observe(time.perf_counter() - started)
+
+    if 200 <= upstream.status < 300:
+        outcome = "allowed"
+    else:
+        # No image came back, so none is charged: 5xx, the backend's 503 (passed on with its
+        # Retry-After) and its 4xx alike.
+        await _refund(services, identity, plan, decision)
+        outcome = "upstream_error" if upstream.status >= 500 else "refunded"
+    services.metrics.requests.labels(plan.name, route.path, outcome).inc()
+    return Response(upstream.body, upstream.status, headers={**upstream.headers, **answer_headers})
+
+
+async def _refund(services: Services, identity: Identity, plan: Plan, decision: Decision) -> None:
+    try:
+        await services.engine.refund(identity.account, plan.limits, decision)
+    except LimitsError:
+        log.exception("refund of %d images failed for plan %s", decision.cost, plan.name)
+        return
+    services.metrics.images_refunded.labels(plan.name).inc(decision.cost)
+
+
+def _bearer(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("You didn't provide an API key: send `Authorization: Bearer qg_...`.")
+    return token.strip()
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is over {limit} bytes.")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body is over {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _forwarded_for(request: Request) -> str:
+    client = request.client.host if request.client else "unknown"
+    prior = request.headers.get("x-forwarded-for")
+    return f"{prior}, {client}" if prior else client
+
+
+def _outcome(exc: ApiError) -> str:
+    match exc:
+        case QuotaExceeded():
+            return "quota_exhausted"
+        case RateLimited():
+            return "rate_limited"
+        case Unauthorized() | Forbidden():
+            return "unauthorized"
+        case ServiceUnavailable():
+            return "store_unavailable"
+        case BadRequest() | PayloadTooLarge():
+            return "bad_request"
+        case _:
+            return "upstream_error"

@@ -1,0 +1,78 @@
+"""Environment settings: where Redis, the upstreams and the config file are, and the key secret.
+
+Kept apart from the quota YAML, which holds only what ops tune while the gateway runs.
+Every setting is an environment variable, so each uvicorn worker process reads the same ones.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from gateway.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """The gateway's environment, resolved once at start."""
+
+    config_path: Path
+    redis_url: str
+    key_secret: bytes
+    upstreams: Mapping[str, tuple[str, ...]]
+    max_body_bytes: int = 1 << 20
+    redis_timeout: float = 0.5
+    upstream_connect_timeout: float = 2.0
+    upstream_read_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        if len(self.key_secret) < 16:
+            raise ConfigError(
+                "QUOTAGATE_KEY_SECRET: must be at least 16 bytes; generate one with `openssl rand -hex 32`"
+            )
+        for name, urls in self.upstreams.items():
+            for url in urls:
+                if not url.startswith(("http://", "https://")):
+                    raise ConfigError(f"QUOTAGATE_UPSTREAMS: {name}: {url!r} is not an http:// or https:// URL")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Read QUOTAGATE_* variables; raise ConfigError naming the variable that is missing or wrong."""
+
+        def need(name: str) -> str:
+            value = environ.get(name)
+            if not value:
+                raise ConfigError(f"{name}: not set")
+            return value
+
+        def number(name: str, default: float) -> float:
+            raw = environ.get(name)
+            try:
+                return float(raw) if raw else default
+            except ValueError as exc:
+                raise ConfigError(f"{name}: expected a number, got {raw!r}") from exc
+
+        return cls(
+            config_path=Path(need("QUOTAGATE_CONFIG")),
+            redis_url=need("QUOTAGATE_REDIS_URL"),
+            key_secret=need("QUOTAGATE_KEY_SECRET").encode(),
+            upstreams=parse_upstreams(environ.get("QUOTAGATE_UPSTREAMS", "")),
+            max_body_bytes=int(number("QUOTAGATE_MAX_BODY_BYTES", 1 << 20)),
+            redis_timeout=number("QUOTAGATE_REDIS_TIMEOUT", 0.5),
+            upstream_connect_timeout=number("QUOTAGATE_UPSTREAM_CONNECT_TIMEOUT", 2.0),
+            upstream_read_timeout=number("QUOTAGATE_UPSTREAM_READ_TIMEOUT", 300.0),
+        )
+
+
+def parse_upstreams(text: str) -> Mapping[str, tuple[str, ...]]:
+    """`diffusion=http://a:8001,http://b:8001 other=http://c` → {"diffusion": (a, b), "other": (c,)}."""
+    pools: dict[str, tuple[str, ...]] = {}
+    for entry in text.split():
+        name, sep, urls = entry.partition("=")
+        if not sep or not name or not urls:
+            raise ConfigError(f"QUOTAGATE_UPSTREAMS: {entry!r}: expected NAME=URL[,URL...]")
+        pools[name] = tuple(u.rstrip("/") for u in urls.split(",") if u)
+    return MappingProxyType(pools)
