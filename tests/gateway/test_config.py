@@ -1,0 +1,102 @@
+"""The quota YAML: what loads, and one refusal per failure mode with its exact message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import load_config, parse_config
+from gateway.errors import ConfigError
+from limits import Bucket
+
+from .conftest import QUOTAS
+
+
+def test_shipped_config_loads_with_free_at_three_images_a_day(repo_root: Path) -> None:
+    config = load_config(repo_root / "config" / "quotas.yaml")
+    free, pro = config.plans["free"], config.plans["pro"]
+    assert free.limits.quotas[0].limit == 3
+    assert pro.limits.quotas[0].limit is None
+    assert pro.priority > free.priority
+    assert config.routes["/v1/images/generations"].cost is None
+
+
+def test_rates_become_buckets_of_the_stated_period() -> None:
+    bucket = parse_config(QUOTAS, source="q.yaml").plans["free"].limits.buckets[0]
+    assert bucket == Bucket(name="free-rate", counter="rate", rate=60, period=60, burst=10)
+    assert bucket.interval_us == 1_000_000
+
+
+def test_version_changes_with_the_text() -> None:
+    assert parse_config(QUOTAS, source="q").version != parse_config(QUOTAS + "\n# edited\n", source="q").version
+
+
+BAD = {
+    "not yaml": ("plans: [\n", "q.yaml:2: (file): not valid YAML: expected the node content, but found '<stream end>'"),
+    "empty": ("", "q.yaml:1: (file): empty; expected `plans` and `routes`"),
+    "unknown top key": (
+        QUOTAS + "limits: {}\n",
+        "q.yaml:15: limits: unknown key; expected one of: plans, routes, timezone",
+    ),
+    "unknown plan key": (
+        QUOTAS.replace("    priority: 0\n", "    priority: 0\n    colour: blue\n"),
+        "q.yaml:5: plans.free.colour: unknown key; expected one of: daily_images, priority, rate",
+    ),
+    "missing field": (
+        QUOTAS.replace("    priority: 0\n", ""),
+        "q.yaml:4: plans.free.priority: required",
+    ),
+    "quota not a number": (
+        QUOTAS.replace("daily_images: 3", "daily_images: three"),
+        "q.yaml:5: plans.free.daily_images: expected a whole number, got 'three'",
+    ),
+    "negative quota": (
+        QUOTAS.replace("daily_images: 3", "daily_images: -1"),
+        "q.yaml:5: plans.free.daily_images: must be at least 0, got -1",
+    ),
+    "bad period": (
+        QUOTAS.replace("per: minute, burst: 10", "per: fortnight, burst: 10"),
+        "q.yaml:6: plans.free.rate.per: expected one of second, minute, hour, day, got 'fortnight'",
+    ),
+    "zero burst": (
+        QUOTAS.replace("burst: 10", "burst: 0"),
+        "q.yaml:6: plans.free.rate.burst: must be at least 1, got 0",
+    ),
+    "bad time zone": (
+        QUOTAS.replace("timezone: UTC", "timezone: Mars/Olympus"),
+        "q.yaml:1: timezone: unknown IANA time zone 'Mars/Olympus'",
+    ),
+    "duplicate plan": (
+        QUOTAS.replace("  pro:\n", "  free:\n"),
+        "q.yaml:7: plans.free: appears twice",
+    ),
+    "bad plan name": (
+        QUOTAS.replace("  pro:\n", "  Pro Plan:\n"),
+        "q.yaml:8: plans.Pro Plan: names are lowercase letters, digits, - and _",
+    ),
+    "route path": (
+        QUOTAS.replace("path: /v1/images/generations", "path: v1/images"),
+        "q.yaml:12: routes[0].path: must start with /, got 'v1/images'",
+    ),
+    "route cost": (
+        QUOTAS.replace("cost: images", "cost: pixels"),
+        "q.yaml:14: routes[0].cost: expected a whole number, got 'pixels'",
+    ),
+    "no routes": (
+        QUOTAS.split("routes:")[0] + "routes: []\n",
+        "q.yaml:11: routes: expected a list with at least one entry",
+    ),
+}
+
+
+@pytest.mark.parametrize("text,message", BAD.values(), ids=BAD.keys())
+def test_bad_config_is_refused_naming_file_line_field_and_problem(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse_config(text, source="q.yaml")
+    assert str(refused.value) == message
+
+
+def test_missing_file_is_refused_with_its_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read: No such file or directory"):
+        load_config(tmp_path / "nope.yaml")
