@@ -101,7 +101,7 @@ class KeyStore:
             record = await self._redis.hgetall(_key_record(key_id))
             if not record:
                 raise Unauthorized("Incorrect API key provided.")
-            account = record[b"account"].decode()
+            account = _text(record[b"account"])
             plan = await self._redis.hget(_account_record(account), "plan")
         except RedisError as exc:
             raise ServiceUnavailable(
@@ -109,4 +109,8 @@ class KeyStore:
             ) from exc
         if plan is None:
             raise Unauthorized("This API key's account no longer exists.")
-        return record[b"hmac"].decode(), Identity(account=account, plan=plan.decode(), key_id=key_id)
+        return _text(record[b"hmac"]), Identity(account=account, plan=_text(plan), key_id=key_id)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,34 @@
+# quotagate: `make run` serves the whole stack, `make test` proves it. Both set everything up first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup run test lint bench clean
+
+setup: $(STAMP)
+
+# torch is pinned here, not only as a range in pyproject: without the pin pip resolves the newest
+# torch with several GB of CUDA packages; 2.13.0 is served as a CPU build on these machines.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install --quiet 'torch==2.13.0'
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/quotagate up --config config/quotas.yaml --port 8000 --data-dir .quotagate
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check gateway limits backend tests bench
+	$(BIN)/ruff format --check gateway limits backend tests bench
+	$(BIN)/mypy gateway limits
+
+bench: setup
+	$(BIN)/python bench/backend.py
+
+clean:
+	rm -rf $(VENV) .quotagate .pytest_cache .mypy_cache .ruff_cache *.egg-info

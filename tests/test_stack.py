@@ -1,0 +1,148 @@
+"""`quotagate up` as an operator runs it: real redis-server, real tiny diffusers backend, the gateway.
+
+The official `openai` client talks to it; the free key gets three images and then a RateLimitError.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+import redis
+from PIL import Image
+
+BIN = Path(sys.executable).parent
+START_TIMEOUT = 300.0
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen[str]
+    url: str
+    data_dir: Path
+    output: list[str]
+
+    def keys_from_banner(self) -> dict[str, str]:
+        keys = {}
+        for line in self.output:
+            if " key: " in line:
+                plan, key = line.split(" key: ")
+                keys[plan.strip()] = key.strip()
+        return keys
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("stack")
+    port = _free_port()
+    repo = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen(
+        [BIN / "quotagate", "up", "--config", repo / "config/quotas.yaml", "--port", str(port), "--data-dir", data_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or ()], daemon=True).start()
+    stack = Stack(process, f"http://127.0.0.1:{port}", data_dir, [])
+    deadline = time.monotonic() + START_TIMEOUT
+    while not any("Ctrl-C stops everything" in line for line in stack.output):
+        assert time.monotonic() < deadline and process.poll() is None, "".join(stack.output)
+        try:
+            stack.output.append(lines.get(timeout=1))
+        except queue.Empty:
+            pass
+    yield stack
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def _client(stack: Stack, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def test_banner_prints_a_free_and_a_pro_key_and_a_curl_line(stack: Stack) -> None:
+    assert set(stack.keys_from_banner()) == {"free", "pro"}
+    assert any(line.strip().startswith("curl -s") for line in stack.output)
+
+
+def test_keys_create_finds_the_running_stack_by_its_data_dir(stack: Stack) -> None:
+    created = subprocess.run(
+        [BIN / "quotagate", "keys", "create", "cli-user", "--plan", "free", "--json", "--data-dir", stack.data_dir],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    record = json.loads(created.stdout)
+    assert record["account"] == "cli-user" and record["plan"] == "free" and record["key"].startswith("qg_")
+    image = _client(stack, record["key"]).images.generate(prompt="a red fox", n=1, response_format="b64_json")
+    assert image.data and image.data[0].b64_json
+
+
+def test_keys_create_refuses_a_plan_the_config_does_not_offer(stack: Stack) -> None:
+    refused = subprocess.run(
+        [BIN / "quotagate", "keys", "create", "x", "--plan", "platinum", "--data-dir", stack.data_dir],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 1
+    assert "plan 'platinum' is not in" in refused.stderr
+
+
+def test_free_key_gets_three_images_then_rate_limit_error(stack: Stack) -> None:
+    client = _client(stack, stack.keys_from_banner()["free"])
+    for i in range(3):
+        result = client.images.generate(prompt=f"lighthouse {i}", n=1, response_format="b64_json")
+        assert result.data is not None and result.data[0].b64_json is not None
+        png = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+        assert png.format == "PNG" and png.width > 0
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.images.generate(prompt="one more", n=1, response_format="b64_json")
+    assert refused.value.status_code == 429
+    assert refused.value.code == "insufficient_quota"
+    assert int(refused.value.response.headers["Retry-After"]) > 0
+
+
+def test_pro_key_is_not_stopped_by_a_daily_quota(stack: Stack) -> None:
+    client = _client(stack, stack.keys_from_banner()["pro"])
+    for _ in range(2):
+        result = client.images.generate(prompt="a blue whale", n=2, response_format="b64_json")
+        assert result.data is not None and len(result.data) == 2
+
+
+def test_metrics_count_requests_by_plan_and_outcome(stack: Stack) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{stack.url}/metrics") as answer:
+        text = answer.read().decode()
+    assert 'outcome="quota_exhausted",plan="free"' in text
+
+
+def test_ctrl_c_stops_all_three_cleanly(stack: Stack) -> None:
+    redis_url = json.loads((stack.data_dir / "stack.json").read_text())["redis_url"]
+    stack.process.send_signal(signal.SIGINT)
+    assert stack.process.wait(60) == 0
+    assert not (stack.data_dir / "stack.json").exists()
+    with pytest.raises((redis.ConnectionError, OSError)):
+        redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
+    assert (stack.data_dir / "redis" / "appendonlydir").exists() or list((stack.data_dir / "redis").glob("*.aof"))
