@@ -6,6 +6,7 @@ The official `openai` client talks to it; the free key gets three images and the
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import queue
@@ -67,10 +68,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     deadline = time.monotonic() + START_TIMEOUT
     while not any("Ctrl-C stops everything" in line for line in stack.output):
         assert time.monotonic() < deadline and process.poll() is None, "".join(stack.output)
-        try:
+        with contextlib.suppress(queue.Empty):
             stack.output.append(lines.get(timeout=1))
-        except queue.Empty:
-            pass
     yield stack
     if process.poll() is None:
         process.kill()
