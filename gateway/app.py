@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -22,7 +21,7 @@ from gateway.identity import KeyStore
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import proxy
 from gateway.settings import Settings
-from limits import Engine, connect
+from limits import Engine, RedisClient, connect
 
 PROXIED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
@@ -33,7 +32,7 @@ class Services:
 
     settings: Settings
     config: Config
-    redis: Redis
+    redis: RedisClient
     engine: Engine
     keys: KeyStore
     forwarder: Forwarder

@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.errors import ServiceUnavailable, Unauthorized
+from limits import RedisClient
 
 _KEY = re.compile(r"^qg_([0-9a-f]{16})_([0-9a-f]{48})$")
 ACCOUNT = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
@@ -45,7 +45,7 @@ class KeyStore:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         secret: bytes,
         *,
         cache_ttl: float = 1.0,

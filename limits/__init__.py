@@ -7,7 +7,7 @@ from limits.decision import Decision, LimitState
 from limits.engine import Engine
 from limits.errors import ClockSkew, LimitsError, StoreUnavailable
 from limits.policy import PERIODS, Bucket, DailyQuota, Limit, LimitSet
-from limits.store import connect
+from limits.store import RedisClient, connect
 
 __all__ = [
     "PERIODS",
@@ -20,6 +20,7 @@ __all__ = [
     "LimitSet",
     "LimitState",
     "LimitsError",
+    "RedisClient",
     "StoreUnavailable",
     "connect",
 ]

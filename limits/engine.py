@@ -6,7 +6,6 @@ import time
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from limits.calendar import day_starts
@@ -14,6 +13,7 @@ from limits.decision import Decision, LimitState
 from limits.errors import ClockSkew, StoreUnavailable
 from limits.keys import counter_key
 from limits.policy import LimitSet
+from limits.store import RedisClient
 
 
 def _script(name: str) -> str:
@@ -23,7 +23,7 @@ def _script(name: str) -> str:
 class Engine:
     """Charges, refunds and reads the limits of accounts; all time comes from Redis unless `now` is given."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._decide = redis.register_script(_script("decide"))
         self._refund = redis.register_script(_script("refund"))
 

@@ -1,15 +1,22 @@
-"""Connect to Redis from a URL: redis://, rediss:// and unix:// (a single server)."""
+"""Connect to Redis from a URL: redis://, rediss://, unix://, or redis+cluster:// / rediss+cluster://."""
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+
+RedisClient = Redis | RedisCluster
+
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
-def connect(url: str, *, timeout: float = 0.5) -> Redis:
-    """A client for the Redis at `url`, with tight timeouts so no request waits long on a dead Redis."""
-    return Redis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        health_check_interval=0,
-    )
+def connect(url: str, *, timeout: float = 0.5) -> RedisClient:
+    """A client for `url`, with tight timeouts so no request waits long on a dead Redis.
+
+    A cluster URL names any one node (`redis+cluster://10.0.0.1:6379`); the client finds the rest.
+    """
+    scheme, sep, rest = url.partition("://")
+    if scheme in CLUSTER_SCHEMES:
+        return RedisCluster.from_url(
+            f"{CLUSTER_SCHEMES[scheme]}{sep}{rest}", socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+    return Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
