@@ -27,6 +27,9 @@ class Decision:
     now_us: int
     states: tuple[LimitState, ...]
     denied_by: LimitState | None  # of the refusing limits, the one that keeps the client waiting longest
+    idempotency_key: str | None = None
+    replayed: bool = False  # the first decision for this idempotency key, returned again; nothing charged
+    cached: bool = False  # answered from this replica's denial near-cache, without Redis
 
     @property
     def retry_after(self) -> float | None:

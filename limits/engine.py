@@ -1,4 +1,4 @@
-"""Decide and refund requests against Redis: one atomic script call each."""
+"""Decide, refund, grant and reset against Redis: one atomic script call each."""
 
 from __future__ import annotations
 
@@ -6,54 +6,121 @@ import time
 from importlib import resources
 from typing import Any
 
+from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from limits.calendar import day_starts
+from limits.coalesce import Coalescer, Script
 from limits.decision import Decision, LimitState
 from limits.errors import ClockSkew, StoreUnavailable
-from limits.keys import counter_key
-from limits.policy import LimitSet
+from limits.keys import counter_key, idempotency_record
+from limits.nearcache import INVALIDATIONS, DenialCache
+from limits.policy import DailyQuota, LimitSet
 from limits.store import RedisClient
 
+IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
 
-def _script(name: str) -> str:
-    return resources.files("limits").joinpath(f"lua/{name}.lua").read_text()
+
+def _script(name: str) -> Script:
+    return Script(resources.files("limits").joinpath(f"lua/{name}.lua").read_text())
 
 
 class Engine:
-    """Charges, refunds and reads the limits of accounts; all time comes from Redis unless `now` is given."""
+    """Charges, refunds and reads the limits of accounts; all time comes from Redis unless `now` is given.
 
-    def __init__(self, redis: RedisClient) -> None:
-        self._decide = redis.register_script(_script("decide"))
-        self._refund = redis.register_script(_script("refund"))
+    Calls on a single Redis are coalesced per event-loop turn; a cluster client sends each alone.
+    `near_cache` answers exhausted accounts locally until their day ends.
+    """
 
-    async def decide(self, account: str, limits: LimitSet, cost: int, *, now: float | None = None) -> Decision:
-        """Charge `cost` against every limit, or against none if one refuses."""
+    def __init__(self, redis: RedisClient, *, near_cache: DenialCache | None = None) -> None:
+        self._redis = redis
+        self._coalescer = Coalescer(redis) if isinstance(redis, Redis) else None
+        self._scripts = {name: _script(name) for name in ("decide", "refund", "grant")}
+        self._registered = {name: redis.register_script(s.source) for name, s in self._scripts.items()}
+        self.near_cache = near_cache
+
+    async def decide(
+        self,
+        account: str,
+        limits: LimitSet,
+        cost: int,
+        *,
+        now: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Decision:
+        """Charge `cost` against every limit, or against none if one refuses.
+
+        With an `idempotency_key`, the same key sent again within 24 h gets the first decision back
+        and is charged nothing more.
+        """
+        if self.near_cache is not None and cost > 0:
+            cached = self.near_cache.get(account, limits, now)
+            if cached is not None:
+                return cached
         wall = time.time() if now is None else now
-        args: list[Any] = [_now_arg(now), cost, len(limits.buckets), *limits.bucket_args]
+        keys = _keys(account, limits)
+        keep_ms = 0
+        if idempotency_key is not None and cost > 0:
+            keys.append(idempotency_record(account, idempotency_key))
+            keep_ms = IDEMPOTENCY_TTL_MS
+        args: list[Any] = [_now_arg(now), cost, len(limits.buckets), keep_ms, *limits.bucket_args]
         for quota in limits.quotas:
             args.append(-1 if quota.limit is None else quota.limit)
             args.extend(day_starts(quota.timezone, wall))
-        reply = await self._call(self._decide, _keys(account, limits), args)
-        return _decision(limits, cost, reply)
+        reply = await self._call("decide", keys, args)
+        decision = _decision(limits, cost, reply, idempotency_key if keep_ms else None)
+        if self.near_cache is not None and not decision.allowed:
+            self.near_cache.remember(account, limits, decision, now)
+        return decision
 
     async def peek(self, account: str, limits: LimitSet, *, now: float | None = None) -> Decision:
         """Where every limit stands, charging nothing."""
         return await self.decide(account, limits, 0, now=now)
 
     async def refund(self, account: str, limits: LimitSet, decision: Decision, *, now: float | None = None) -> None:
-        """Give back what an admitted `decision` took. Call it at most once per decision."""
-        if not decision.allowed or decision.cost == 0:
+        """Give back what an admitted `decision` took. A decision with an idempotency key is refunded once."""
+        if not decision.allowed or decision.cost == 0 or decision.replayed:
             return
-        args: list[Any] = [_now_arg(now), decision.cost, len(limits.buckets)]
+        keys = _keys(account, limits)
+        if decision.idempotency_key is not None:
+            keys.append(idempotency_record(account, decision.idempotency_key))
+        args: list[Any] = [_now_arg(now), decision.cost, len(limits.buckets), int(decision.idempotency_key is not None)]
         args.extend(b.interval_us for b in limits.buckets)
         args.extend(s.day_start_us for s in decision.states[len(limits.buckets) :])
-        await self._call(self._refund, _keys(account, limits), args)
+        await self._call("refund", keys, args)
 
-    @staticmethod
-    async def _call(script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def grant(self, account: str, quota: DailyQuota, units: int, *, now: float | None = None) -> int:
+        """Add `units` bonus units to `account`'s quota for today; returns today's grants in all."""
+        if units < 1:
+            raise ValueError(f"grant at least 1 unit, not {units}")
+        wall = time.time() if now is None else now
+        args = [_now_arg(now), units, *day_starts(quota.timezone, wall)]
+        granted = int(await self._call("grant", [counter_key(account, quota.counter)], args))
+        await self._announce(account)
+        return granted
+
+    async def reset(self, account: str, limits: LimitSet) -> None:
+        """Forget `account`'s usage: every bucket full, every quota unused, grants gone."""
         try:
-            return await script(keys=keys, args=args)
+            await self._redis.delete(*_keys(account, limits))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis unavailable: {exc}") from exc
+        await self._announce(account)
+
+    async def _announce(self, account: str) -> None:
+        if self.near_cache is not None:
+            self.near_cache.forget(account)
+        try:
+            await self._redis.publish(INVALIDATIONS, account)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis unavailable: {exc}") from exc
+
+    async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        script = self._scripts[name]
+        try:
+            if self._coalescer is not None:
+                return await self._coalescer.call(script, keys, args)
+            return await self._registered[name](keys=keys, args=args)
         except ResponseError as exc:
             if "clock skew" in str(exc):
                 raise ClockSkew(str(exc)) from exc
@@ -70,11 +137,11 @@ def _keys(account: str, limits: LimitSet) -> list[str]:
     return [counter_key(account, limit.counter) for limit in limits]
 
 
-def _decision(limits: LimitSet, cost: int, reply: list[int]) -> Decision:
-    denied, now_us = int(reply[0]), int(reply[1])
+def _decision(limits: LimitSet, cost: int, reply: list[int], idempotency: str | None) -> Decision:
+    denied, now_us, replayed = (int(v) for v in reply[:3])
     states = []
     for i, limit in enumerate(limits):
-        remaining, reset, retry, day = (int(v) for v in reply[2 + 4 * i : 6 + 4 * i])
+        remaining, reset, retry, day = (int(v) for v in reply[3 + 4 * i : 7 + 4 * i])
         states.append(
             LimitState(
                 limit=limit,
@@ -92,6 +159,8 @@ def _decision(limits: LimitSet, cost: int, reply: list[int]) -> Decision:
         states=tuple(states),
         # The limit that keeps the client waiting longest is the one to report.
         denied_by=max(refusing, key=_wait) if denied else None,
+        idempotency_key=idempotency,
+        replayed=bool(replayed),
     )
 
 

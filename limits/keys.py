@@ -7,3 +7,8 @@
 def counter_key(account: str, counter: str) -> str:
     """Key of one limit's counter for one account."""
     return f"qg:{{{account}}}:{counter}"
+
+
+def idempotency_record(account: str, key: str) -> str:
+    """Key of the first decision made for a client's Idempotency-Key."""
+    return f"qg:{{{account}}}:idem:{key}"

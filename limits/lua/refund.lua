@@ -1,16 +1,24 @@
 -- Give back what one admitted request took: the exact inverse of decide.lua's charge.
 --
--- KEYS           the same keys, in the same order, as the decide call that admitted the request.
--- ARGV[1]        now, µs since the epoch; '' to read the Redis server's clock (TIME).
--- ARGV[2]        cost, units, as charged.
--- ARGV[3]        nb, the number of buckets.
--- then per bucket: interval (µs per unit).
--- then per quota:  the start of the day that was charged (µs); a quota whose day has since turned
---                  is left alone, since yesterday's charge no longer counts.
+-- KEYS               the same keys, in the same order, as the decide call that admitted the request,
+--                    its idempotency record included if it had one.
+-- ARGV[1]            now, µs since the epoch; '' to read the Redis server's clock (TIME).
+-- ARGV[2]            cost, units, as charged.
+-- ARGV[3]            nb, the number of buckets.
+-- ARGV[4]            1 if the last key is the request's idempotency record, else 0.
+-- then per bucket:   interval (µs per unit).
+-- then per quota:    the start of the day that was charged (µs); a quota whose day has since turned is
+--                    left alone, since yesterday's charge no longer counts.
 --
--- A bucket never holds more than its burst and a quota never goes below zero. The caller refunds a
--- decision at most once.
+-- A bucket never holds more than its burst and a quota never goes below zero. A request with an
+-- idempotency record is refunded once: the record goes with the refund, so the client may retry.
 -- Returns the number of limits that gave something back.
+local nb, has_record = tonumber(ARGV[3]), tonumber(ARGV[4]) == 1
+local nq = #KEYS - nb - (has_record and 1 or 0)
+if has_record and redis.call('DEL', KEYS[#KEYS]) == 0 then
+  return 0
+end
+
 local now
 if ARGV[1] == '' then
   local t = redis.call('TIME')
@@ -19,11 +27,10 @@ else
   now = tonumber(ARGV[1])
 end
 local cost = tonumber(ARGV[2])
-local nb = tonumber(ARGV[3])
 local refunded = 0
 
 for i = 1, nb do
-  local interval = tonumber(ARGV[3 + i])
+  local interval = tonumber(ARGV[4 + i])
   local tat = tonumber(redis.call('GET', KEYS[i]))
   if tat and tat > now then
     tat = tat - cost * interval
@@ -36,10 +43,9 @@ for i = 1, nb do
   end
 end
 
-for i = nb + 1, #KEYS do
-  local day = ARGV[3 + i]
+for i = nb + 1, nb + nq do
   local state = redis.call('HMGET', KEYS[i], 'd', 'u')
-  if state[1] == day then
+  if state[1] == ARGV[4 + i] then
     redis.call('HSET', KEYS[i], 'u', math.max((tonumber(state[2]) or 0) - cost, 0))
     refunded = refunded + 1
   end
