@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -22,6 +25,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.proxy import proxy
 from gateway.settings import Settings
 from limits import Engine, RedisClient, connect
+from limits.nearcache import DenialCache
 
 PROXIED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
@@ -64,11 +68,13 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             auto_decompress=False,
         )
+        near_cache = DenialCache()
+        follower = asyncio.create_task(near_cache.follow(redis)) if isinstance(redis, Redis) else None
         app.state.services = Services(
             settings=settings,
             config=config,
             redis=redis,
-            engine=Engine(redis),
+            engine=Engine(redis, near_cache=near_cache),
             keys=KeyStore(redis, settings.key_secret),
             forwarder=Forwarder(session, settings.upstreams),
             metrics=metrics,
@@ -76,6 +82,10 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         try:
             yield
         finally:
+            if follower is not None:
+                follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follower
             await session.close()
             await redis.aclose()
 

@@ -54,12 +54,14 @@ async def proxy(request: Request) -> Response:
         body = await _read_body(request, services.settings.max_body_bytes)
         cost = request_cost(route, body)
         started = time.perf_counter()
-        decision = await admit(services.engine, identity, plan, cost)
+        idempotency_key = request.headers.get("idempotency-key")
+        decision = await admit(services.engine, identity, plan, cost, idempotency_key=idempotency_key)
         services.metrics.decision_seconds.observe(time.perf_counter() - started)
     except ApiError as exc:
         services.metrics.requests.labels(plan_label, route.path, _outcome(exc)).inc()
         return error_response(exc)
-    services.metrics.images_charged.labels(plan.name).inc(cost)
+    if not decision.replayed:
+        services.metrics.images_charged.labels(plan.name).inc(cost)
 
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
     answer_headers = {**rate_limit_headers(plan.limits, decision), "X-Request-Id": request_id}
