@@ -63,7 +63,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         text=True,
     )
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or ()], daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or ()], daemon=True)
+    reader.start()
     stack = Stack(process, f"http://127.0.0.1:{port}", data_dir, [])
     deadline = time.monotonic() + START_TIMEOUT
     while not any("Ctrl-C stops everything" in line for line in stack.output):
@@ -74,6 +75,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     if process.poll() is None:
         process.kill()
         process.wait()
+    reader.join(10)
+    if process.stdout is not None:
+        process.stdout.close()
 
 
 def _client(stack: Stack, key: str) -> openai.OpenAI:
