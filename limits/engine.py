@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -32,8 +33,11 @@ class Engine:
     `near_cache` answers exhausted accounts locally until their day ends.
     """
 
-    def __init__(self, redis: RedisClient, *, near_cache: DenialCache | None = None) -> None:
+    def __init__(
+        self, redis: RedisClient, *, near_cache: DenialCache | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self._redis = redis
+        self._clock = clock  # this process's clock: it only picks which day starts to send
         self._coalescer = Coalescer(redis) if isinstance(redis, Redis) else None
         self._scripts = {name: _script(name) for name in ("decide", "refund", "grant")}
         self._registered = {name: redis.register_script(s.source) for name, s in self._scripts.items()}
@@ -57,7 +61,7 @@ class Engine:
             cached = self.near_cache.get(account, limits, now)
             if cached is not None:
                 return cached
-        wall = time.time() if now is None else now
+        wall = self._clock() if now is None else now
         keys = _keys(account, limits)
         keep_ms = 0
         if idempotency_key is not None and cost > 0:
@@ -93,7 +97,7 @@ class Engine:
         """Add `units` bonus units to `account`'s quota for today; returns today's grants in all."""
         if units < 1:
             raise ValueError(f"grant at least 1 unit, not {units}")
-        wall = time.time() if now is None else now
+        wall = self._clock() if now is None else now
         args = [_now_arg(now), units, *day_starts(quota.timezone, wall)]
         granted = int(await self._call("grant", [counter_key(account, quota.counter)], args))
         await self._announce(account)
