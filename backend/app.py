@@ -1,0 +1,239 @@
+"""The HTTP surface: OpenAI-style image generation, models, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive
+
+from backend.batcher import Batcher, BatcherSettings, Runner
+from backend.errors import (
+    BackendError,
+    BodyTooLarge,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    NotReady,
+    error_response,
+)
+from backend.metrics import BackendMetrics
+from backend.validation import RequestLimits, parse_generation, parse_priority
+
+__all__ = ["PRIORITY_HEADER", "BackendState", "ServeSettings", "create_app"]
+
+PRIORITY_HEADER = "X-Quotagate-Priority"
+logger = logging.getLogger("backend")
+
+# Builds the model runner; called once, on the inference thread.
+Loader = Callable[[], Runner]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeSettings:
+    limits: RequestLimits
+    batcher: BatcherSettings = field(default_factory=BatcherSettings)
+    # None leaves torch's choice; tests fix it because results differ between thread counts.
+    torch_threads: int | None = None
+
+
+@dataclass
+class BackendState:
+    """What the routes reach through app.state.backend; filled in by the lifespan."""
+
+    settings: ServeSettings
+    metrics: BackendMetrics
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set once loading has ended, whether the model became ready or failed.
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    batcher: Batcher | None = None
+    load_error: str | None = None
+
+
+def _init_inference_thread(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+async def _start(state: BackendState, load: Loader, executor: ThreadPoolExecutor, clock: Callable[[], float]) -> None:
+    loop = asyncio.get_running_loop()
+    settings = state.settings
+    try:
+        runner = await loop.run_in_executor(executor, load)
+        limits = settings.limits
+        await loop.run_in_executor(executor, runner, ["warm-up"], [0], limits.default_size, limits.default_steps, 0)
+        logger.info("model loaded and warmed")
+    except Exception as exc:
+        logger.exception("cannot start the model")
+        state.load_error = str(exc)
+        state.settled.set()
+        return
+    state.batcher = Batcher(runner, executor, state.metrics, settings.batcher, clock=clock)
+    state.ready.set()
+    state.settled.set()
+    await state.batcher.run()
+
+
+def _state(request: Request) -> BackendState:
+    state: BackendState = request.app.state.backend
+    return state
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _rejection_reason(exc: BackendError) -> str | None:
+    if isinstance(exc, NotReady):
+        return "not_ready"
+    if isinstance(exc, BodyTooLarge):
+        return "too_large"
+    if isinstance(exc, InvalidRequest):
+        return "invalid"
+    # The batcher counts its own refusals (queue_full, queue_wait).
+    return None
+
+
+async def generations(request: Request) -> Response:
+    state = _state(request)
+    limits = state.settings.limits
+    try:
+        body = await _read_body(request, limits.max_body_bytes)
+        if state.batcher is None:
+            raise NotReady()
+        job_request = parse_generation(body, limits, priority=parse_priority(request.headers.get(PRIORITY_HEADER)))
+        job = state.batcher.submit(job_request)
+    except ClientDisconnect:
+        return Response(status_code=499)
+    except BackendError as exc:
+        reason = _rejection_reason(exc)
+        if reason is not None:
+            state.metrics.rejections.labels(reason=reason).inc()
+        return error_response(exc)
+
+    # While queued, watch the connection: a client that leaves is dropped and costs no inference.
+    watcher = asyncio.ensure_future(_until_disconnect(request.receive))
+    try:
+        await asyncio.wait({job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not job.future.done():
+        state.batcher.cancel(job)
+        return Response(status_code=499)
+    try:
+        pngs = job.future.result()
+    except BackendError as exc:
+        logger.error("generation failed", exc_info=exc.__cause__)
+        return error_response(exc)
+    data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
+    return JSONResponse({"created": int(time.time()), "data": data})
+
+
+async def models(request: Request) -> Response:
+    model_id = _state(request).settings.limits.model_id
+    entry = {"id": model_id, "object": "model", "created": 0, "owned_by": "quotagate"}
+    return JSONResponse({"object": "list", "data": [entry]})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    state = _state(request)
+    if state.ready.is_set():
+        return JSONResponse({"status": "ready"})
+    body: dict[str, Any] = {"status": "failed" if state.load_error else "loading"}
+    if state.load_error:
+        body["error"] = state.load_error
+    return JSONResponse(body, status_code=503)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}."))
+    if exc.status_code == 404:
+        return error_response(NotFound(f"No route {request.url.path}."))
+    return error_response(BackendError(str(exc.detail)))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return error_response(BackendError("Internal server error."))
+
+
+def create_app(
+    settings: ServeSettings,
+    load: Loader,
+    *,
+    registry: CollectorRegistry | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Starlette:
+    """The backend app; `load` builds the model runner on the inference thread during the lifespan."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state = BackendState(settings=settings, metrics=BackendMetrics(registry or CollectorRegistry()))
+        app.state.backend = state
+        executor = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="inference",
+            initializer=_init_inference_thread,
+            initargs=(settings.torch_threads,),
+        )
+        # Loading runs in the background so /healthz answers while /readyz says 503 until warm.
+        task = asyncio.create_task(_start(state, load, executor, clock))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    routes = [
+        Route("/v1/images/generations", generations, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+    )
