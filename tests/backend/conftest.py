@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from backend.app import BackendState, ServeSettings, create_app
 from backend.batcher import BatcherSettings, Runner
 from backend.pipeline import load_pipeline, pipeline_runner
 from backend.tiny_model import make_tiny_model
-from backend.validation import RequestLimits
+from backend.validation import GenerationRequest, RequestLimits
 
 # Images depend on the thread count (1 and 2 threads differ by up to 1/255): fix it for every test.
 torch.set_num_threads(1)
@@ -42,6 +43,7 @@ class RecordingRunner:
     def __init__(self, runner: Runner) -> None:
         self._runner = runner
         self.calls: list[list[str]] = []
+        self.shapes: list[tuple[tuple[int, int], int]] = []
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
@@ -53,6 +55,7 @@ class RecordingRunner:
         if not self.gate.wait(timeout=60):
             raise TimeoutError("the test never opened the gate")
         self.calls.append(list(prompts))
+        self.shapes.append((size, pad_to))
         return self._runner(prompts, seeds, size, steps, pad_to)
 
     @property
@@ -115,11 +118,27 @@ def serve(recording: RecordingRunner) -> Iterator[AppFactory]:
         client.portal.call(state.settled.wait)
         assert state.ready.is_set(), state.load_error
         recording.calls.clear()
+        recording.shapes.clear()
+        recording.entered.clear()
         return client
 
     yield start
     for client in reversed(clients):
         client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    """The single inference thread, as the app builds it."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="inference", initializer=torch.set_num_threads, initargs=(1,))
+    yield pool
+    pool.shutdown(wait=True)
+
+
+def request(
+    prompt: str, *, n: int = 1, size: int = 64, priority: int = 0, seed: int | None = None
+) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, n=n, width=size, height=size, steps=1, seed=seed, priority=priority)
 
 
 def backend_state(client: TestClient) -> BackendState:
