@@ -28,6 +28,7 @@ lint: setup
 	$(BIN)/mypy gateway limits
 
 bench: setup
+	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/backend.py
 
 clean:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -68,6 +68,10 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             auto_decompress=False,
         )
+        if isinstance(redis, RedisCluster):
+            # Learn the slot map before the first request: a cold cluster client that meets many
+            # concurrent first commands can fail outside redis-py's error tree.
+            await redis.initialize()
         near_cache = DenialCache()
         follower = asyncio.create_task(near_cache.follow(redis)) if isinstance(redis, Redis) else None
         app.state.services = Services(

@@ -72,6 +72,12 @@ class Coalescer:
                 future.set_result(reply)
 
     async def _pipeline(self, batch: list[tuple[Script, list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
+        if len(batch) == 1:  # alone in its turn: a pipeline would only add cost
+            script, keys, args, _ = batch[0]
+            try:
+                return [await self._redis.evalsha(script.sha, len(keys), *keys, *args)]
+            except NoScriptError as exc:
+                return [exc]
         async with self._redis.pipeline(transaction=False) as pipe:
             for script, keys, args, _ in batch:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
