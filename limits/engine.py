@@ -23,7 +23,8 @@ IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
 
 
 def _script(name: str) -> Script:
-    return Script(resources.files("limits").joinpath(f"lua/{name}.lua").read_text())
+    folder = resources.files("limits").joinpath("lua")
+    return Script(folder.joinpath("prelude.lua").read_text() + folder.joinpath(f"{name}.lua").read_text())
 
 
 class Engine:

@@ -33,13 +33,7 @@ if record then
   end
 end
 
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = tonumber(ARGV[1])
-end
+local now = clock(ARGV[1])
 local cost = tonumber(ARGV[2])
 
 local denied = 0
@@ -73,15 +67,9 @@ end
 local days = {}
 for i = nb + 1, nb + nq do
   local limit = tonumber(ARGV[a])
-  local day, day_end
-  for j = a + 1, a + 3 do
-    local from, to = tonumber(ARGV[j]), tonumber(ARGV[j + 1])
-    if from <= now and now < to then day, day_end = from, to end
-  end
+  local day, day_end = day_holding(now, a + 1)
   a = a + 5
-  if not day then
-    return redis.error_reply('clock skew: the server time is more than a day from the caller\'s')
-  end
+  if not day then return redis.error_reply(SKEW) end
   local state = redis.call('HMGET', KEYS[i], 'd', 'u', 'g')
   local used, granted = 0, 0
   if tonumber(state[1]) == day then

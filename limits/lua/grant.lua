@@ -5,22 +5,10 @@
 -- ARGV[2]   units to grant (>= 1).
 -- ARGV[3..6] the starts of yesterday, today, tomorrow and the day after (µs), as in decide.lua.
 -- Returns the units granted for that day in all.
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = tonumber(ARGV[1])
-end
+local now = clock(ARGV[1])
 local units = tonumber(ARGV[2])
-local day, day_end
-for j = 3, 5 do
-  local from, to = tonumber(ARGV[j]), tonumber(ARGV[j + 1])
-  if from <= now and now < to then day, day_end = from, to end
-end
-if not day then
-  return redis.error_reply('clock skew: the server time is more than a day from the caller\'s')
-end
+local day, day_end = day_holding(now, 3)
+if not day then return redis.error_reply(SKEW) end
 local state = redis.call('HMGET', KEYS[1], 'd', 'u', 'g')
 local used, granted = 0, units
 if tonumber(state[1]) == day then

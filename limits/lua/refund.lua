@@ -19,13 +19,7 @@ if has_record and redis.call('DEL', KEYS[#KEYS]) == 0 then
   return 0
 end
 
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = tonumber(ARGV[1])
-end
+local now = clock(ARGV[1])
 local cost = tonumber(ARGV[2])
 local refunded = 0
 
