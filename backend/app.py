@@ -28,6 +28,7 @@ from backend.errors import (
     MethodNotAllowed,
     NotFound,
     NotReady,
+    Overloaded,
     error_response,
 )
 from backend.metrics import BackendMetrics
@@ -142,14 +143,17 @@ async def generations(request: Request) -> Response:
         return error_response(exc)
 
     # While queued, watch the connection: a client that leaves is dropped and costs no inference.
-    watcher = asyncio.ensure_future(_until_disconnect(request.receive))
+    watcher: asyncio.Future[Any] = asyncio.ensure_future(_until_disconnect(request.receive))
     try:
-        await asyncio.wait({job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([job.future, watcher], return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
     if not job.future.done():
         state.batcher.cancel(job)
         return Response(status_code=499)
+    if job.future.cancelled():
+        # The worker stopped (shutdown) before this job ran.
+        return error_response(Overloaded("The server is shutting down.", reason="shutting_down", retry_after_s=1))
     try:
         pngs = job.future.result()
     except BackendError as exc:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from anyio.from_thread import BlockingPortal
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
@@ -115,7 +116,7 @@ def serve(recording: RecordingRunner) -> Iterator[AppFactory]:
         client.__enter__()
         clients.append(client)
         state: BackendState = app.state.backend
-        client.portal.call(state.settled.wait)
+        portal(client).call(state.settled.wait)
         assert state.ready.is_set(), state.load_error
         recording.calls.clear()
         recording.shapes.clear()
@@ -139,6 +140,12 @@ def request(
     prompt: str, *, n: int = 1, size: int = 64, priority: int = 0, seed: int | None = None
 ) -> GenerationRequest:
     return GenerationRequest(prompt=prompt, n=n, width=size, height=size, steps=1, seed=seed, priority=priority)
+
+
+def portal(client: TestClient) -> BlockingPortal:
+    """The event loop of a started TestClient, to run code beside the app."""
+    assert client.portal is not None, "start the client first"
+    return client.portal
 
 
 def backend_state(client: TestClient) -> BackendState:

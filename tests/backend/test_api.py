@@ -7,7 +7,7 @@ import openai
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from tests.backend.conftest import AppFactory, RecordingRunner, make_limits, make_settings
+from tests.backend.conftest import AppFactory, RecordingRunner, make_limits, make_settings, portal
 
 
 def _png(b64: str) -> Image.Image:
@@ -87,7 +87,7 @@ def test_readyz_is_503_until_the_model_is_warm(serve: AppFactory, recording: Rec
         assert refused.headers["Retry-After"] == "1"
         assert refused.json()["error"]["code"] == "not_ready"
         recording.gate.set()
-        client.portal.call(app.state.backend.ready.wait)
+        portal(client).call(app.state.backend.ready.wait)
         assert client.get("/readyz").status_code == 200
 
 

@@ -10,7 +10,7 @@ from starlette.testclient import TestClient
 from backend.batcher import Batcher
 from backend.scheduling import Job
 from backend.validation import GenerationRequest
-from tests.backend.conftest import AppFactory, RecordingRunner, backend_state, make_settings, request
+from tests.backend.conftest import AppFactory, RecordingRunner, backend_state, make_settings, portal, request
 
 
 def _batcher(client: TestClient) -> Batcher:
@@ -22,13 +22,13 @@ def _batcher(client: TestClient) -> Batcher:
 def _hold_worker(client: TestClient, recording: RecordingRunner) -> Job:
     """Close the gate and give the worker one job: it stays busy until the test opens the gate."""
     recording.gate.clear()
-    blocker = client.portal.call(_batcher(client).submit, request("blocker"))
+    blocker = portal(client).call(_batcher(client).submit, request("blocker"))
     assert recording.entered.wait(timeout=60)
     return blocker
 
 
 def _queue(client: TestClient, *requests: GenerationRequest) -> list[Job]:
-    return [client.portal.call(_batcher(client).submit, item) for item in requests]
+    return [portal(client).call(_batcher(client).submit, item) for item in requests]
 
 
 def _finish(client: TestClient, recording: RecordingRunner, jobs: list[Job]) -> None:
@@ -37,7 +37,7 @@ def _finish(client: TestClient, recording: RecordingRunner, jobs: list[Job]) -> 
     async def wait() -> None:
         await asyncio.gather(*(job.future for job in jobs))
 
-    client.portal.call(wait)
+    portal(client).call(wait)
 
 
 def test_a_full_queue_answers_503_at_once_with_retry_after(serve: AppFactory, recording: RecordingRunner) -> None:
@@ -110,7 +110,7 @@ def test_a_client_that_leaves_while_queued_never_reaches_the_model(
             "client": ("127.0.0.1", 50000),
             "server": ("testserver", 80),
         }
-        call = asyncio.create_task(client.app(scope, receive, send))  # type: ignore[arg-type]
+        call: asyncio.Task[None] = asyncio.create_task(client.app(scope, receive, send))  # type: ignore[arg-type]
         for _ in range(10_000):
             if batcher.queued:
                 break
@@ -120,7 +120,7 @@ def test_a_client_that_leaves_while_queued_never_reaches_the_model(
         await call
         return queued_before, sent
 
-    queued_before, sent = client.portal.call(leave_while_queued)
+    queued_before, sent = portal(client).call(leave_while_queued)
 
     assert queued_before == 1
     assert batcher.queued == []
