@@ -50,6 +50,10 @@ class ServeSettings:
     # None leaves torch's choice; tests fix it because results differ between thread counts.
     torch_threads: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.limits.max_n > self.batcher.max_queue_images:
+            raise ValueError("max_n must not exceed max_queue_images, or such requests could never be queued")
+
 
 @dataclass
 class BackendState:
@@ -71,7 +75,13 @@ def _init_inference_thread(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-async def _start(state: BackendState, load: Loader, executor: ThreadPoolExecutor, clock: Callable[[], float]) -> None:
+async def _start(
+    state: BackendState,
+    load: Loader,
+    executor: ThreadPoolExecutor,
+    clock: Callable[[], float],
+    on_load_failure: Callable[[str], None] | None,
+) -> None:
     loop = asyncio.get_running_loop()
     settings = state.settings
     try:
@@ -83,6 +93,8 @@ async def _start(state: BackendState, load: Loader, executor: ThreadPoolExecutor
         logger.exception("cannot start the model")
         state.load_error = str(exc)
         state.settled.set()
+        if on_load_failure is not None:
+            on_load_failure(state.load_error)
         return
     state.batcher = Batcher(runner, executor, state.metrics, settings.batcher, clock=clock)
     state.ready.set()
@@ -148,8 +160,11 @@ async def generations(request: Request) -> Response:
         await asyncio.wait([job.future, watcher], return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if not job.future.done():
-        state.batcher.cancel(job)
+        # Also reached when this handler itself is cancelled: never leave an orphan in the queue.
+        left = not job.future.done()
+        if left:
+            state.batcher.cancel(job)
+    if left:
         return Response(status_code=499)
     if job.future.cancelled():
         # The worker stopped (shutdown) before this job ran.
@@ -206,8 +221,13 @@ def create_app(
     *,
     registry: CollectorRegistry | None = None,
     clock: Callable[[], float] = time.monotonic,
+    on_load_failure: Callable[[str], None] | None = None,
 ) -> Starlette:
-    """The backend app; `load` builds the model runner on the inference thread during the lifespan."""
+    """The backend app; `load` builds the model runner on the inference thread during the lifespan.
+
+    Loading runs in the background: /healthz answers at once, /readyz says 503 until the model is warm.
+    If loading fails, /readyz keeps saying why and `on_load_failure` (the CLI stops the server) is called.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -219,8 +239,7 @@ def create_app(
             initializer=_init_inference_thread,
             initargs=(settings.torch_threads,),
         )
-        # Loading runs in the background so /healthz answers while /readyz says 503 until warm.
-        task = asyncio.create_task(_start(state, load, executor, clock))
+        task = asyncio.create_task(_start(state, load, executor, clock, on_load_failure))
         try:
             yield
         finally:

@@ -1,4 +1,7 @@
-"""`quotagate-backend`: make the tiny model, or serve a model over HTTP."""
+"""`quotagate-backend`: make the tiny model, or serve a model over HTTP.
+
+torch, diffusers and uvicorn are imported only by the command that needs them, so `--help` is instant.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,10 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from backend.app import ServeSettings
 
 __all__ = ["main"]
 
@@ -71,44 +78,65 @@ def _model_path(args: argparse.Namespace) -> Path:
     return path
 
 
+def _settings(args: argparse.Namespace, path: Path) -> ServeSettings:
+    """Raises ValueError naming the bad flag value."""
+    from backend.app import ServeSettings
+    from backend.batcher import BatcherSettings
+    from backend.validation import RequestLimits, parse_size
+
+    off = args.batching == "off"
+    limits = RequestLimits(
+        model_id=args.model_id or path.resolve().name,
+        sizes=tuple(parse_size(text.strip()) for text in args.sizes.split(",") if text.strip()),
+        default_size=parse_size(args.default_size),
+        max_n=args.max_n,
+        default_steps=args.default_steps,
+        max_steps=args.max_steps,
+    )
+    batcher = BatcherSettings(
+        max_batch_images=1 if off else args.max_batch_images,
+        max_wait_s=0.0 if off else args.max_wait_ms / 1000,
+        max_queue_images=args.max_queue,
+        max_queue_wait_s=args.max_queue_wait,
+        aging_s=args.priority_aging_s,
+    )
+    return ServeSettings(limits=limits, batcher=batcher, torch_threads=args.threads)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from backend.app import ServeSettings, create_app
-    from backend.batcher import BatcherSettings
+    from backend.app import create_app
     from backend.errors import ModelUnavailable
     from backend.pipeline import load_pipeline, pipeline_runner, resolve_device
-    from backend.validation import RequestLimits, parse_size
 
     path = _model_path(args)
     if not (path / "model_index.json").is_file():
         return _fail(f"{path} is not a diffusers model directory (no model_index.json)")
     try:
         device = resolve_device(args.device)
-        sizes = tuple(parse_size(text.strip()) for text in args.sizes.split(",") if text.strip())
-        limits = RequestLimits(
-            model_id=args.model_id or path.resolve().name,
-            sizes=sizes,
-            default_size=parse_size(args.default_size),
-            max_n=args.max_n,
-            default_steps=args.default_steps,
-            max_steps=args.max_steps,
-        )
-        batcher = BatcherSettings(
-            max_batch_images=1 if args.batching == "off" else args.max_batch_images,
-            max_wait_s=0.0 if args.batching == "off" else args.max_wait_ms / 1000,
-            max_queue_images=args.max_queue,
-            max_queue_wait_s=args.max_queue_wait,
-            aging_s=args.priority_aging_s,
-        )
+        settings = _settings(args, path)
     except (ValueError, ModelUnavailable) as exc:
         return _fail(str(exc))
 
-    settings = ServeSettings(limits=limits, batcher=batcher, torch_threads=args.threads)
-    guidance = args.guidance_scale
-    app = create_app(settings, lambda: pipeline_runner(load_pipeline(path, device), guidance_scale=guidance))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    failures: list[str] = []
+
+    def stop(message: str) -> None:
+        failures.append(message)
+        server.should_exit = True
+
+    guidance = args.guidance_scale
+    app = create_app(
+        settings,
+        lambda: pipeline_runner(load_pipeline(path, device), guidance_scale=guidance),
+        on_load_failure=stop,
+    )
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    server.run()
+    if failures:
+        print(f"quotagate-backend: error: cannot start the model: {failures[0]}", file=sys.stderr)
+        return 1
     return 0
 
 

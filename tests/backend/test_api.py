@@ -2,11 +2,17 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
+from pathlib import Path
 
 import openai
+import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
+from starlette.testclient import TestClient
 
+from backend.app import create_app
+from backend.pipeline import load_pipeline, pipeline_runner
 from tests.backend.conftest import AppFactory, RecordingRunner, make_limits, make_settings, portal
 
 
@@ -72,10 +78,6 @@ def test_health_ready_and_metrics(serve: AppFactory) -> None:
 
 
 def test_readyz_is_503_until_the_model_is_warm(serve: AppFactory, recording: RecordingRunner) -> None:
-    from starlette.testclient import TestClient
-
-    from backend.app import create_app
-
     recording.gate.clear()  # holds the warm-up generation
     app = create_app(make_settings(), lambda: recording)
     with TestClient(app) as client:
@@ -114,3 +116,22 @@ def test_unknown_route_and_wrong_method_are_openai_shaped(serve: AppFactory) -> 
     assert missing.json()["error"]["type"] == "invalid_request_error"
     assert wrong.status_code == 405
     assert set(wrong.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_model_that_fails_to_load_keeps_readyz_503_and_reports_why(tiny_model_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    failures: list[str] = []
+    load = lambda: pipeline_runner(load_pipeline(broken, torch.device("cpu")))  # noqa: E731
+    app = create_app(make_settings(), load, on_load_failure=failures.append)
+
+    with TestClient(app) as client:
+        portal(client).call(app.state.backend.settled.wait)
+        ready = client.get("/readyz")
+        refused = client.post("/v1/images/generations", json={"prompt": "a cat"})
+
+    assert ready.status_code == 503
+    assert ready.json()["status"] == "failed"
+    assert len(failures) == 1 and ready.json()["error"] == failures[0]
+    assert refused.status_code == 503

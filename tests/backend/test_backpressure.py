@@ -10,7 +10,15 @@ from starlette.testclient import TestClient
 from backend.batcher import Batcher
 from backend.scheduling import Job
 from backend.validation import GenerationRequest
-from tests.backend.conftest import AppFactory, RecordingRunner, backend_state, make_settings, portal, request
+from tests.backend.conftest import (
+    AppFactory,
+    RecordingRunner,
+    backend_state,
+    make_limits,
+    make_settings,
+    portal,
+    request,
+)
 
 
 def _batcher(client: TestClient) -> Batcher:
@@ -42,7 +50,8 @@ def _finish(client: TestClient, recording: RecordingRunner, jobs: list[Job]) -> 
 
 def test_a_full_queue_answers_503_at_once_with_retry_after(serve: AppFactory, recording: RecordingRunner) -> None:
     registry = CollectorRegistry()
-    client = serve(make_settings(max_queue_images=2, max_batch_images=1), registry=registry)
+    settings = make_settings(limits=make_limits(max_n=2), max_queue_images=2, max_batch_images=1)
+    client = serve(settings, registry=registry)
     blocker = _hold_worker(client, recording)
     queued = _queue(client, request("q1"), request("q2"))
     _batcher(client).throughput.observe(images=2, seconds=1.0)
