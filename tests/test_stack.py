@@ -80,8 +80,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         process.stdout.close()
 
 
-def _client(stack: Stack, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0, timeout=60)
+@contextlib.contextmanager
+def _client(stack: Stack, key: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0, timeout=60) as client:
+        yield client
 
 
 def test_banner_prints_a_free_and_a_pro_key_and_a_curl_line(stack: Stack) -> None:
@@ -98,7 +100,8 @@ def test_keys_create_finds_the_running_stack_by_its_data_dir(stack: Stack) -> No
     )
     record = json.loads(created.stdout)
     assert record["account"] == "cli-user" and record["plan"] == "free" and record["key"].startswith("qg_")
-    image = _client(stack, record["key"]).images.generate(prompt="a red fox", n=1, response_format="b64_json")
+    with _client(stack, record["key"]) as client:
+        image = client.images.generate(prompt="a red fox", n=1, response_format="b64_json")
     assert image.data and image.data[0].b64_json
 
 
@@ -113,24 +116,24 @@ def test_keys_create_refuses_a_plan_the_config_does_not_offer(stack: Stack) -> N
 
 
 def test_free_key_gets_three_images_then_rate_limit_error(stack: Stack) -> None:
-    client = _client(stack, stack.keys_from_banner()["free"])
-    for i in range(3):
-        result = client.images.generate(prompt=f"lighthouse {i}", n=1, response_format="b64_json")
-        assert result.data is not None and result.data[0].b64_json is not None
-        png = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
-        assert png.format == "PNG" and png.width > 0
-    with pytest.raises(openai.RateLimitError) as refused:
-        client.images.generate(prompt="one more", n=1, response_format="b64_json")
+    with _client(stack, stack.keys_from_banner()["free"]) as client:
+        for i in range(3):
+            result = client.images.generate(prompt=f"lighthouse {i}", n=1, response_format="b64_json")
+            assert result.data is not None and result.data[0].b64_json is not None
+            png = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+            assert png.format == "PNG" and png.width > 0
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.images.generate(prompt="one more", n=1, response_format="b64_json")
     assert refused.value.status_code == 429
     assert refused.value.code == "insufficient_quota"
     assert int(refused.value.response.headers["Retry-After"]) > 0
 
 
 def test_pro_key_is_not_stopped_by_a_daily_quota(stack: Stack) -> None:
-    client = _client(stack, stack.keys_from_banner()["pro"])
-    for _ in range(2):
-        result = client.images.generate(prompt="a blue whale", n=2, response_format="b64_json")
-        assert result.data is not None and len(result.data) == 2
+    with _client(stack, stack.keys_from_banner()["pro"]) as client:
+        for _ in range(2):
+            result = client.images.generate(prompt="a blue whale", n=2, response_format="b64_json")
+            assert result.data is not None and len(result.data) == 2
 
 
 def test_metrics_count_requests_by_plan_and_outcome(stack: Stack) -> None:
