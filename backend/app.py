@@ -26,6 +26,7 @@ from backend.errors import (
     BodyTooLarge,
     InvalidRequest,
     MethodNotAllowed,
+    ModelUnavailable,
     NotFound,
     NotReady,
     Overloaded,
@@ -90,7 +91,10 @@ async def _start(
         await loop.run_in_executor(executor, runner, ["warm-up"], [0], limits.default_size, limits.default_steps, 0)
         logger.info("model loaded and warmed")
     except Exception as exc:
-        logger.exception("cannot start the model")
+        if isinstance(exc, ModelUnavailable):
+            logger.error("cannot start the model: %s", exc)
+        else:
+            logger.exception("cannot start the model")
         state.load_error = str(exc)
         state.settled.set()
         if on_load_failure is not None:

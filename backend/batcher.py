@@ -110,22 +110,23 @@ class Batcher:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                batch = await self._next_batch(loop)
+                batch = await self._next_batch()
                 await self._run_batch(loop, batch)
         finally:
             for job in self._jobs:
                 job.future.cancel()
 
-    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[Job]:
+    async def _next_batch(self) -> list[Job]:
         while True:
             while not self._jobs:
                 self._arrived.clear()
                 await self._arrived.wait()
             batch = self._pick()
-            deadline = loop.time() + self.settings.max_wait_s
-            # Hold a partial batch briefly so that requests arriving together run together.
+            # Hold a partial batch until its oldest job has waited max_wait_s, so that requests arriving
+            # together run together; jobs that queued up behind a running batch do not wait again.
             while batch and self._images(batch) < self.settings.max_batch_images:
-                remaining = deadline - loop.time()
+                oldest = min(job.enqueued_at for job in batch)
+                remaining = oldest + self.settings.max_wait_s - self._clock()
                 if remaining <= 0:
                     break
                 self._arrived.clear()

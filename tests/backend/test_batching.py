@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from backend.batcher import Batcher, BatcherSettings
 from backend.metrics import BackendMetrics
 from backend.validation import GenerationRequest
-from tests.backend.conftest import RecordingRunner, request
+from tests.backend.conftest import FakeClock, RecordingRunner, request
 
 pytestmark = pytest.mark.anyio
 
@@ -78,3 +78,23 @@ async def test_batching_off_runs_one_image_per_call(recording: RecordingRunner, 
     assert recording.calls == [["a"], ["a"], ["a"], ["b"]]
     assert [len(pngs) for pngs in results] == [3, 1]
     assert len(set(results[0])) == 3
+
+
+async def test_a_partial_batch_is_held_for_a_request_that_arrives_within_max_wait(
+    recording: RecordingRunner, executor: ThreadPoolExecutor
+) -> None:
+    clock = FakeClock()
+    settings = BatcherSettings(max_batch_images=2, max_wait_s=60.0)
+    batcher = Batcher(recording, executor, BackendMetrics(CollectorRegistry()), settings, clock=clock)
+    first = batcher.submit(request("first"))
+    worker = asyncio.create_task(batcher.run())
+    try:
+        # Let the worker see "first" alone and start holding it; the clock stands still, so it holds on.
+        for _ in range(10):
+            await asyncio.sleep(0)
+        second = batcher.submit(request("second"))
+        await asyncio.gather(first.future, second.future)
+    finally:
+        worker.cancel()
+
+    assert recording.calls == [["first", "second"]]

@@ -74,9 +74,8 @@ def test_served_over_real_http_the_openai_client_gets_images(tiny_model_dir: Pat
         else:
             pytest.fail(f"the server exited with {server.wait()} before it was ready")
         drain.start()
-        client = openai.OpenAI(api_key="unused", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
-
-        result = client.images.generate(prompt="a lighthouse at dusk", n=2, model="tiny")
+        with openai.OpenAI(api_key="unused", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0) as client:
+            result = client.images.generate(prompt="a lighthouse at dusk", n=2, model="tiny")
 
         assert result.data is not None
         assert [base64.b64decode(image.b64_json or "")[:4] for image in result.data] == [b"\x89PNG"] * 2
