@@ -5,11 +5,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from backend.batcher import Batcher, BatcherSettings
 from backend.metrics import BackendMetrics
-from backend.scheduling import Job, pick_batch
+from backend.scheduling import Job, effective_priority, pick_batch
 from tests.backend.conftest import FakeClock, RecordingRunner, request
 
 
@@ -95,3 +98,32 @@ def test_compatible_lower_priority_jobs_fill_the_head_batch(loop: asyncio.Abstra
     batch = pick_batch(queue, 0.0, max_images=4, aging_s=1.0)
 
     assert [job.request.prompt for job in batch] == ["head", "low"]
+
+
+_queues = st.lists(
+    st.tuples(st.integers(0, 20), st.floats(0, 100), st.integers(1, 4), st.sampled_from([64, 128])),
+    min_size=1,
+    max_size=12,
+)
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(queue=_queues, max_images=st.integers(1, 8), aging_s=st.floats(0.1, 10))
+def test_pick_batch_properties(queue: list[tuple[int, float, int, int]], max_images: int, aging_s: float) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = [
+            _job(loop, f"j{i}", priority, at=at, seq=i, images=images, size=size)
+            for i, (priority, at, images, size) in enumerate(queue)
+        ]
+        now = 100.0
+
+        batch = pick_batch(jobs, now, max_images=max_images, aging_s=aging_s)
+
+        head = batch[0]
+        assert all(effective_priority(head, now, aging_s) >= effective_priority(job, now, aging_s) for job in jobs)
+        assert all(job.key == head.key for job in batch)
+        assert len(batch) == 1 or sum(job.images for job in batch) <= max_images
+        assert len(set(map(id, batch))) == len(batch)
+    finally:
+        loop.close()
