@@ -151,6 +151,11 @@ class Batcher:
         self._running_images = images
         try:
             pngs = await loop.run_in_executor(self._executor, self._generate, batch)
+        except asyncio.CancelledError:
+            # The worker is stopping: the handlers waiting on this batch answer 503 instead of hanging.
+            for job in batch:
+                job.future.cancel()
+            raise
         except Exception as exc:
             self._metrics.failures.inc()
             for job in batch:
