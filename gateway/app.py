@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
     """The gateway for `settings` and `config`; metrics go to `registry` (a fresh one if None)."""
     check_upstreams(settings, config)
     metrics = GatewayMetrics(registry or CollectorRegistry())
+    metrics.declare(config.plans, config.routes)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -73,7 +73,8 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             # concurrent first commands can fail outside redis-py's error tree.
             await redis.initialize()
         near_cache = DenialCache()
-        follower = asyncio.create_task(near_cache.follow(redis)) if isinstance(redis, Redis) else None
+        stop_following = asyncio.Event()
+        follower = asyncio.create_task(near_cache.follow(redis, stop_following)) if isinstance(redis, Redis) else None
         app.state.services = Services(
             settings=settings,
             config=config,
@@ -87,9 +88,9 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             yield
         finally:
             if follower is not None:
+                stop_following.set()
                 follower.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await follower
+                await asyncio.wait([follower])
             await session.close()
             await redis.aclose()
 

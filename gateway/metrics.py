@@ -5,6 +5,8 @@ Labels come from config names only (plan, route path, outcome), never from keys 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 # What became of a request: one label value per way it can end.
@@ -53,3 +55,13 @@ class GatewayMetrics:
             registry=registry,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )
+
+    def declare(self, plans: Iterable[str], routes: Iterable[str]) -> None:
+        """Create every plan × route × outcome series at zero, so rates and alerts see them before traffic."""
+        routes = list(routes)
+        for plan in plans:
+            self.images_charged.labels(plan)
+            self.images_refunded.labels(plan)
+            for route in routes:
+                for outcome in OUTCOMES:
+                    self.requests.labels(plan, route, outcome)

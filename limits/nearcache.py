@@ -8,6 +8,7 @@ INVALIDATIONS and every replica that follows the channel drops its entry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -70,20 +71,27 @@ class DenialCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    async def follow(self, redis: Redis, *, retry_every: float = 1.0) -> None:
-        """Drop entries as grants and resets are announced; run it as a task for the process's life."""
-        while True:
+    async def follow(self, redis: Redis, stop: asyncio.Event, *, retry_every: float = 1.0) -> None:
+        """Drop entries as grants and resets are announced, until `stop` is set.
+
+        Run it as a task. Stopping by flag as well as by cancel: a cancel that lands while redis-py
+        is connecting can be swallowed there, and the loop must still end (within a second).
+        """
+        while not stop.is_set():
             try:
                 async with redis.pubsub() as pubsub:
                     await pubsub.subscribe(INVALIDATIONS)
                     # Whatever was announced while we were not listening is lost: start clean.
                     self.clear()
-                    while True:
+                    while not stop.is_set():
                         # An explicit wait: a blocking read would trip the client's short socket timeout.
                         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                         if message is not None:
                             self.forget(message["data"].decode())
             except (RedisError, OSError) as exc:
+                if stop.is_set():
+                    return
                 log.warning("near-cache invalidations interrupted (%s); retrying", exc)
                 self.clear()
-                await asyncio.sleep(retry_every)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), retry_every)

@@ -11,7 +11,6 @@ import io
 import json
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,8 @@ import openai
 import pytest
 import redis
 from PIL import Image
+
+from tests.ports import free_port
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT = 300.0
@@ -45,16 +46,10 @@ class Stack:
         return keys
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("stack")
-    port = _free_port()
+    port = free_port()
     repo = Path(__file__).resolve().parent.parent
     process = subprocess.Popen(
         [BIN / "quotagate", "up", "--config", repo / "config/quotas.yaml", "--port", str(port), "--data-dir", data_dir],

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import base64
-import socket
 import subprocess
 import sys
 import threading
@@ -11,6 +10,7 @@ import openai
 import pytest
 
 from backend.cli import main
+from tests.ports import free_port
 
 
 def test_serve_exits_2_with_one_line_for_a_non_model_directory(
@@ -47,15 +47,8 @@ def test_serve_refuses_bad_settings_with_exit_2(
     assert message in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def test_served_over_real_http_the_openai_client_gets_images(tiny_model_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable, "-m", "backend.cli", "serve", "--model", str(tiny_model_dir), "--device", "cpu",
         "--port", str(port), "--sizes", "64x64", "--default-size", "64x64", "--threads", "1",

@@ -202,3 +202,16 @@ async def test_an_idempotency_key_sent_again_is_not_charged_again(
 async def test_a_malformed_idempotency_key_is_a_400(client: TestClient, keys: dict[str, str]) -> None:
     headers = {"Authorization": f"Bearer {keys['free']}", "Idempotency-Key": "x" * 200}
     assert client.post(PATH, json={"prompt": "x"}, headers=headers).status_code == 400
+
+
+async def test_every_plan_route_and_outcome_is_exported_at_zero_before_traffic(
+    client: TestClient, registry: CollectorRegistry
+) -> None:
+    assert requests_total(registry, "pro", "quota_exhausted") == 0.0
+    assert (
+        registry.get_sample_value(
+            "quotagate_requests_total", {"plan": "pro", "route": PATH, "outcome": "quota_exhausted"}
+        )
+        == 0.0
+    )
+    assert registry.get_sample_value("quotagate_images_refunded_total", {"plan": "free"}) == 0.0

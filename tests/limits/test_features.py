@@ -109,7 +109,8 @@ async def test_grants_on_any_replica_invalidate_every_replicas_near_cache(redis_
     clients = [Redis.from_url(redis_url) for _ in range(2)]
     caches = [DenialCache(), DenialCache()]
     engines = [Engine(c, near_cache=cache) for c, cache in zip(clients, caches, strict=True)]
-    followers = [asyncio.create_task(cache.follow(c)) for c, cache in zip(clients, caches, strict=True)]
+    stop = asyncio.Event()
+    followers = [asyncio.create_task(cache.follow(c, stop)) for c, cache in zip(clients, caches, strict=True)]
     try:
         limits = plan()
         await engines[0].decide("gil", limits, 3)
@@ -123,10 +124,22 @@ async def test_grants_on_any_replica_invalidate_every_replicas_near_cache(redis_
             await asyncio.sleep(0.01)
         assert (await engines[0].decide("gil", limits, 1)).allowed
     finally:
-        for task in followers:
-            task.cancel()
+        stop.set()
+        await asyncio.wait(followers)
         for c in clients:
             await c.aclose()
+
+
+@pytest.mark.parametrize("delay", [0, 0.001, 0.005, 0.05])
+async def test_the_invalidation_follower_ends_when_told_even_while_connecting(redis_url: str, delay: float) -> None:
+    client, stop = Redis.from_url(redis_url), asyncio.Event()
+    follower = asyncio.create_task(DenialCache().follow(client, stop))
+    await asyncio.sleep(delay)
+    stop.set()
+    follower.cancel()  # may be swallowed inside redis-py while it connects; the flag still ends the loop
+    done, _ = await asyncio.wait([follower], timeout=10)
+    await client.aclose()
+    assert done == {follower}
 
 
 async def test_concurrent_decisions_travel_in_one_pipeline(redis_client: Redis, monkeypatch: Any) -> None:
