@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
@@ -20,7 +20,7 @@ from gateway.config import Config, load_config
 from gateway.errors import ApiError, ConfigError, handle_api_error
 from gateway.forward import Forwarder
 from gateway.identity import KeyStore
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, render, worker_exited
 from gateway.proxy import proxy
 from gateway.settings import Settings
 from limits import Engine, RedisClient, connect
@@ -56,7 +56,8 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
     """The gateway for `settings` and `config`; metrics go to `registry` (a fresh one if None)."""
     check_upstreams(settings, config)
     metrics = GatewayMetrics(registry or CollectorRegistry())
-    metrics.declare(config.plans, config.routes)
+    metrics.declare(config.plans, config.routes, settings.upstreams)
+    metrics.loaded_config(config.version)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -93,6 +94,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
                 await asyncio.wait([follower])
             await session.close()
             await redis.aclose()
+            worker_exited()
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -102,11 +104,12 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         try:
             await services.redis.ping()
         except RedisError as exc:
+            services.metrics.redis_errors.labels("readyz").inc()
             return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
         return JSONResponse({"status": "ready", "config_version": services.config.version})
 
     async def metrics_endpoint(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(render(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
         Route("/healthz", healthz),

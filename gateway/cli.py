@@ -13,6 +13,7 @@ from gateway.config import Config, load_config
 from gateway.datadir import DataDir
 from gateway.errors import ConfigError
 from gateway.identity import KeyStore
+from gateway.metrics import shared_across_workers
 from gateway.settings import Settings
 from limits import connect
 
@@ -44,15 +45,16 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.update({k: v for k, v in overrides.items() if v})
     settings = Settings.from_env()  # refuse a bad environment or config before any worker starts
     load_config(settings.config_path)
-    uvicorn.run(
-        "gateway.app:app_from_env",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        access_log=False,
-        log_level="warning",
-    )
+    with shared_across_workers(args.workers):
+        uvicorn.run(
+            "gateway.app:app_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            access_log=False,
+            log_level="warning",
+        )
     return 0
 
 

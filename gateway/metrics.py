@@ -1,29 +1,55 @@
-"""The gateway's Prometheus metrics, registered on a registry passed in (one per app).
+"""The gateway's Prometheus metrics: the whole catalogue, registered on a registry passed in (one per app).
 
-Labels come from config names only (plan, route path, outcome), never from keys or accounts.
+Labels come from config names only (plan, route path, upstream pool, outcome, result), never from
+keys or accounts. With several uvicorn workers, `PROMETHEUS_MULTIPROC_DIR` names a directory the
+workers write their values to (`quotagate serve` creates and cleans it), and `render` adds them up,
+so a scrape sees the gateway's totals whichever worker answers it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # What became of a request: one label value per way it can end.
 OUTCOMES = (
     "allowed",
     "rate_limited",
     "quota_exhausted",
+    "shed",
     "unauthorized",
     "bad_request",
     "store_unavailable",
     "upstream_error",
     "refunded",
 )
+# Requests refused before their plan is known are counted under this plan label.
+NO_PLAN = "none"
+NO_PLAN_OUTCOMES = ("unauthorized", "store_unavailable", "shed", "bad_request")
+# What a shadow config would have decided for a request the live config decided.
+SHADOW_OUTCOMES = ("allowed", "rate_limited", "quota_exhausted")
+# Where a Redis call failed.
+REDIS_OPERATIONS = ("authenticate", "decide", "refund", "admin", "readyz", "reload")
+RELOAD_RESULTS = ("success", "failure")
+# What `on_store_failure` did with a request while Redis could not decide it.
+STORE_FAILURE_ACTIONS = ("allowed", "denied")
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+UPSTREAM_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class GatewayMetrics:
-    """Counters and histograms of the request path."""
+    """Every counter, gauge and histogram of the gateway.
+
+    Gauges name how workers' values combine (`multiprocess_mode`); it only matters in multiprocess mode.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -46,22 +72,148 @@ class GatewayMetrics:
             "quotagate_decision_seconds",
             "Time to decide a request against Redis.",
             registry=registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            buckets=LATENCY_BUCKETS,
         )
         self.upstream_seconds = Histogram(
             "quotagate_upstream_seconds",
             "Time the upstream took to answer, by route.",
             ["route"],
             registry=registry,
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            buckets=UPSTREAM_BUCKETS,
         )
+        self.in_flight = Gauge(
+            "quotagate_in_flight_requests",
+            "Requests admitted and not yet answered, by plan.",
+            ["plan"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.redis_errors = Counter(
+            "quotagate_redis_errors",
+            "Redis calls that failed (connection, timeout, refused script), by operation.",
+            ["operation"],
+            registry=registry,
+        )
+        self.store_failures = Counter(
+            "quotagate_store_failure_requests",
+            "Requests decided by on_store_failure while Redis was unavailable, by plan and action.",
+            ["plan", "action"],
+            registry=registry,
+        )
+        self.store_circuit_open = Gauge(
+            "quotagate_store_circuit_open",
+            "1 while the Redis circuit breaker is open (in any worker), else 0.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.shadow_requests = Counter(
+            "quotagate_shadow_requests",
+            "What the shadow config would have decided, by plan, route and outcome; nothing is enforced.",
+            ["plan", "route", "outcome"],
+            registry=registry,
+        )
+        self.config_reloads = Counter(
+            "quotagate_config_reloads",
+            "Config reloads by result (success, failure).",
+            ["result"],
+            registry=registry,
+        )
+        self.config_version = Gauge(
+            "quotagate_config_version_info",
+            "1 for the version (hash) of the loaded quota config; 0 for versions loaded before.",
+            ["version"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.upstream_in_flight = Gauge(
+            "quotagate_upstream_in_flight_requests",
+            "Requests being forwarded, by upstream pool.",
+            ["pool"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_healthy = Gauge(
+            "quotagate_upstream_healthy_backends",
+            "Backends of a pool that pass health checks (the lowest any worker sees).",
+            ["pool"],
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self._version: str | None = None
 
-    def declare(self, plans: Iterable[str], routes: Iterable[str]) -> None:
-        """Create every plan × route × outcome series at zero, so rates and alerts see them before traffic."""
+    def declare(self, plans: Iterable[str], routes: Iterable[str], pools: Iterable[str] = ()) -> None:
+        """Create every series at zero, so rates, dashboards and alerts see them before traffic."""
         routes = list(routes)
         for plan in plans:
             self.images_charged.labels(plan)
             self.images_refunded.labels(plan)
+            self.in_flight.labels(plan)
+            for action in STORE_FAILURE_ACTIONS:
+                self.store_failures.labels(plan, action)
             for route in routes:
                 for outcome in OUTCOMES:
                     self.requests.labels(plan, route, outcome)
+                for outcome in SHADOW_OUTCOMES:
+                    self.shadow_requests.labels(plan, route, outcome)
+        for route in routes:
+            self.upstream_seconds.labels(route)
+            for outcome in NO_PLAN_OUTCOMES:
+                self.requests.labels(NO_PLAN, route, outcome)
+        for operation in REDIS_OPERATIONS:
+            self.redis_errors.labels(operation)
+        for result in RELOAD_RESULTS:
+            self.config_reloads.labels(result)
+        for pool in pools:
+            self.upstream_in_flight.labels(pool)
+        self.store_circuit_open.set(0)
+
+    def loaded_config(self, version: str) -> None:
+        """Mark `version` as the config now in force (and the one before as no longer)."""
+        if self._version is not None and self._version != version:
+            self.config_version.labels(self._version).set(0)
+        self.config_version.labels(version).set(1)
+        self._version = version
+
+
+def multiprocess_dir() -> str | None:
+    """The directory workers share their values through, or None in a single process."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The Prometheus text for a scrape: `registry`'s values, or every worker's added up."""
+    if multiprocess_dir() is None:
+        return generate_latest(registry)
+    combined = CollectorRegistry()
+    multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
+    return generate_latest(combined)
+
+
+def worker_exited() -> None:
+    """Drop this worker's live gauges (in flight, circuit, version) from the shared values."""
+    if multiprocess_dir() is not None:
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+@contextmanager
+def shared_across_workers(workers: int) -> Iterator[None]:
+    """Give `workers` uvicorn workers one metrics directory, emptied first (a stale one would add old counts).
+
+    An operator's `PROMETHEUS_MULTIPROC_DIR` is used and kept; else several workers get a temporary one.
+    """
+    chosen = multiprocess_dir()
+    if chosen is not None:
+        Path(chosen).mkdir(parents=True, exist_ok=True)
+        for stale in Path(chosen).glob("*.db"):
+            stale.unlink()
+        yield
+        return
+    if workers < 2:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="quotagate-metrics-") as made:
+        os.environ[MULTIPROC_ENV] = made
+        try:
+            yield
+        finally:
+            del os.environ[MULTIPROC_ENV]

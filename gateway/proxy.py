@@ -7,6 +7,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -29,6 +30,7 @@ from gateway.errors import (
 from gateway.forward import upstream_headers
 from gateway.headers import rate_limit_headers
 from gateway.identity import Identity
+from gateway.metrics import NO_PLAN
 from limits import Decision, LimitsError
 
 if TYPE_CHECKING:
@@ -44,7 +46,7 @@ async def proxy(request: Request) -> Response:
     route = config.routes.get(request.url.path)
     if route is None:
         return error_response(NotFound(f"No route for {request.method} {request.url.path}."))
-    plan_label = "none"
+    plan_label = NO_PLAN
     try:
         identity = await services.keys.authenticate(_bearer(request))
         plan = config.plans.get(identity.plan)
@@ -59,6 +61,8 @@ async def proxy(request: Request) -> Response:
         services.metrics.decision_seconds.observe(time.perf_counter() - started)
     except ApiError as exc:
         services.metrics.requests.labels(plan_label, route.path, _outcome(exc)).inc()
+        if isinstance(exc.__cause__, RedisError | LimitsError):
+            services.metrics.redis_errors.labels("authenticate" if plan_label == NO_PLAN else "decide").inc()
         return error_response(exc)
     if not decision.replayed:
         services.metrics.images_charged.labels(plan.name).inc(cost)
@@ -100,6 +104,7 @@ async def _refund(services: Services, identity: Identity, plan: Plan, decision: 
     try:
         await services.engine.refund(identity.account, plan.limits, decision)
     except LimitsError:
+        services.metrics.redis_errors.labels("refund").inc()
         log.exception("refund of %d images failed for plan %s", decision.cost, plan.name)
         return
     services.metrics.images_refunded.labels(plan.name).inc(decision.cost)
