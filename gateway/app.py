@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
@@ -22,6 +23,7 @@ from gateway.forward import Forwarder
 from gateway.identity import KeyStore
 from gateway.metrics import GatewayMetrics, render, worker_exited
 from gateway.proxy import proxy
+from gateway.reload import LiveConfig, reload_on_sighup
 from gateway.settings import Settings
 from limits import Engine, RedisClient, connect
 from limits.nearcache import DenialCache
@@ -34,12 +36,17 @@ class Services:
     """Everything a request needs, built once per process."""
 
     settings: Settings
-    config: Config
+    live_config: LiveConfig
     redis: RedisClient
     engine: Engine
     keys: KeyStore
     forwarder: Forwarder
     metrics: GatewayMetrics
+
+    @property
+    def config(self) -> Config:
+        """The config in force now: read it once per request, so the request keeps it to its end."""
+        return self.live_config.current
 
 
 def check_upstreams(settings: Settings, config: Config) -> None:
@@ -58,6 +65,9 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
     metrics = GatewayMetrics(registry or CollectorRegistry())
     metrics.declare(config.plans, config.routes, settings.upstreams)
     metrics.loaded_config(config.version)
+    live_config = LiveConfig(
+        config, Path(settings.config_path), metrics, check=lambda new: check_upstreams(settings, new)
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -76,9 +86,12 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         near_cache = DenialCache()
         stop_following = asyncio.Event()
         follower = asyncio.create_task(near_cache.follow(redis, stop_following)) if isinstance(redis, Redis) else None
+        stop_watching = asyncio.Event()
+        interval = settings.config_poll_interval
+        watcher = asyncio.create_task(live_config.watch(stop_watching, every=interval)) if interval > 0 else None
         app.state.services = Services(
             settings=settings,
-            config=config,
+            live_config=live_config,
             redis=redis,
             engine=Engine(redis, near_cache=near_cache),
             keys=KeyStore(redis, settings.key_secret),
@@ -86,8 +99,12 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             metrics=metrics,
         )
         try:
-            yield
+            with reload_on_sighup(live_config):
+                yield
         finally:
+            stop_watching.set()
+            if watcher is not None:
+                await watcher
             if follower is not None:
                 stop_following.set()
                 follower.cancel()

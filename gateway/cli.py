@@ -35,7 +35,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from gateway.supervisor import serve
 
     overrides = {
         "QUOTAGATE_CONFIG": args.config,
@@ -46,15 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env()  # refuse a bad environment or config before any worker starts
     load_config(settings.config_path)
     with shared_across_workers(args.workers):
-        uvicorn.run(
-            "gateway.app:app_from_env",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            access_log=False,
-            log_level="warning",
-        )
+        serve(host=args.host, port=args.port, workers=args.workers)
     return 0
 
 

@@ -27,6 +27,7 @@ class Settings:
     redis_timeout: float = 0.5
     upstream_connect_timeout: float = 2.0
     upstream_read_timeout: float = 300.0
+    config_poll_interval: float = 0.5  # seconds between looks at the quota file; 0: reload on SIGHUP only
 
     def __post_init__(self) -> None:
         if len(self.key_secret) < 16:
@@ -64,6 +65,7 @@ class Settings:
             redis_timeout=number("QUOTAGATE_REDIS_TIMEOUT", 0.5),
             upstream_connect_timeout=number("QUOTAGATE_UPSTREAM_CONNECT_TIMEOUT", 2.0),
             upstream_read_timeout=number("QUOTAGATE_UPSTREAM_READ_TIMEOUT", 300.0),
+            config_poll_interval=number("QUOTAGATE_CONFIG_POLL", 0.5),
         )
 
 

@@ -1,0 +1,40 @@
+"""`quotagate serve`: uvicorn, except that SIGHUP reloads the quota file in every worker.
+
+uvicorn's supervisor answers SIGHUP by replacing each worker process; the gateway reloads its
+config in place instead (gateway/reload.py), so connections and requests in flight are untouched
+and a bad file is refused without restarting anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import uvicorn
+from uvicorn.supervisors import Multiprocess
+
+
+class _ReloadingSupervisor(Multiprocess):
+    def handle_hup(self) -> None:
+        for process in self.processes:
+            if process.pid is not None:
+                os.kill(process.pid, signal.SIGHUP)
+
+
+def serve(*, host: str, port: int, workers: int) -> None:
+    """Serve `gateway.app:app_from_env` until SIGINT or SIGTERM."""
+    if workers == 1:  # one process: it takes SIGHUP itself
+        uvicorn.run(
+            "gateway.app:app_from_env", factory=True, host=host, port=port, access_log=False, log_level="warning"
+        )
+        return
+    config = uvicorn.Config(
+        "gateway.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=False,
+        log_level="warning",
+    )
+    _ReloadingSupervisor(config, sockets=[config.bind_socket()]).run()
