@@ -11,6 +11,8 @@ bench/results/engine.json. Compare ratios within one run; absolute figures drift
                same EVALSHA sent alone through redis-py, to show what the engine adds.
   (c) memory   100,000 accounts decided once each: INFO used_memory after minus before, per account,
                and MEMORY USAGE of one account's keys.
+  (d) near-cache  decisions/s for one account whose daily quota is spent, 64 concurrent, with the
+               denial near-cache on and off.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from redis.asyncio import Redis
 from gateway.embedded_redis import RedisServer, find_redis_server
 from limits import Bucket, DailyQuota, Engine, LimitSet, connect
 from limits.keys import counter_key
+from limits.nearcache import DenialCache
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
 UTC = ZoneInfo("UTC")
@@ -185,6 +188,13 @@ async def engine_run(engine: Engine, limits: LimitSet, accounts: list[str], work
     return len(accounts)
 
 
+async def exhausted_run(engine: Engine, decisions: int, workers: int) -> int:
+    """`decisions` refused decisions of one account whose daily quota is spent."""
+    assert (await engine.decide("spent", FREE, 3)).allowed
+    assert not (await engine.decide("spent", FREE, 1)).allowed
+    return await engine_run(engine, FREE, ["spent"] * decisions, workers)
+
+
 async def bench(server: RedisServer, pinning: str) -> dict[str, Any]:
     assert server.port is not None
     url = f"redis://127.0.0.1:{server.port}/0"
@@ -221,6 +231,13 @@ async def bench(server: RedisServer, pinning: str) -> dict[str, Any]:
                 await admin.flushall()
                 results["raw_evalsha"][str(workers)] = await measure(
                     admin, partial(raw_run, admin, command, accounts, workers)
+                )
+
+            results["near_cache"] = {}
+            for label, near_cache in (("off", None), ("on", DenialCache())):
+                await admin.flushall()
+                results["near_cache"][label] = await measure(
+                    admin, partial(exhausted_run, Engine(client, near_cache=near_cache), DECISIONS, 64)
                 )
 
             await admin.flushall()
@@ -275,6 +292,16 @@ def table(results: dict[str, Any]) -> str:
             f"| redis-py EVALSHA alone, no engine, {workers} concurrent | {run['per_s']:,.0f} | "
             f"{run['per_s'] / top:.2f} | {run['client_cpu_us']:.1f} | {run['redis_cpu_us']:.1f} |"
         )
+    off, on = results["near_cache"]["off"], results["near_cache"]["on"]
+    lines += [
+        "",
+        "| an exhausted account, 64 concurrent | decisions/s | client CPU µs/decision | Redis CPU µs/decision |",
+        "|---|---:|---:|---:|",
+        f"| near-cache off (every refusal asks Redis) | {off['per_s']:,.0f} | {off['client_cpu_us']:.1f} | "
+        f"{off['redis_cpu_us']:.1f} |",
+        f"| near-cache on | {on['per_s']:,.0f} | {on['client_cpu_us']:.1f} | {on['redis_cpu_us']:.1f} |",
+        f"| on / off | **{on['per_s'] / off['per_s']:.1f}×** | | |",
+    ]
     one = memory["memory_usage_one_account"]
     lines += [
         "",

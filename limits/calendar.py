@@ -13,8 +13,15 @@ def day_starts(timezone: ZoneInfo, now: float) -> tuple[int, int, int, int]:
     The decide script picks the day that holds the Redis server's time among these, so a caller
     whose clock is off by less than a day still charges the right day.
     """
-    today = datetime.fromtimestamp(now, timezone).date()
-    return _starts(timezone, today)
+    starts = _current.get(timezone)
+    if starts is None or not starts[1] <= now * 1_000_000 < starts[2]:
+        starts = _starts(timezone, datetime.fromtimestamp(now, timezone).date())
+        _current[timezone] = starts
+    return starts
+
+
+# The answer for the day most recently asked about, per time zone: nearly every call falls in it.
+_current: dict[ZoneInfo, tuple[int, int, int, int]] = {}
 
 
 @lru_cache(maxsize=256)

@@ -143,20 +143,24 @@ def _keys(account: str, limits: LimitSet) -> list[str]:
 
 
 def _decision(limits: LimitSet, cost: int, reply: list[int], idempotency: str | None) -> Decision:
-    denied, now_us, replayed = (int(v) for v in reply[:3])
+    # hiredis hands Lua's integers back as ints: the reply is read as it is, with no conversions.
+    denied, now_us, replayed = reply[0], reply[1], reply[2]
     states = []
-    for i, limit in enumerate(limits):
-        remaining, reset, retry, day = (int(v) for v in reply[3 + 4 * i : 7 + 4 * i])
-        states.append(
-            LimitState(
-                limit=limit,
-                remaining=None if remaining < 0 else remaining,
-                reset_after=reset / 1_000_000,
-                retry_after=None if retry < 0 else retry / 1_000_000,
-                day_start_us=day,
-            )
+    refusing = []
+    at = 3
+    for limit in limits:
+        remaining, reset, retry, day = reply[at], reply[at + 1], reply[at + 2], reply[at + 3]
+        state = LimitState(
+            limit,
+            None if remaining < 0 else remaining,
+            reset / 1_000_000,
+            None if retry < 0 else retry / 1_000_000,
+            day,
         )
-    refusing = [s for s in states if s.retry_after != 0]
+        states.append(state)
+        if retry != 0:
+            refusing.append(state)
+        at += 4
     return Decision(
         allowed=denied == 0,
         cost=cost,
@@ -165,7 +169,7 @@ def _decision(limits: LimitSet, cost: int, reply: list[int], idempotency: str | 
         # The limit that keeps the client waiting longest is the one to report.
         denied_by=max(refusing, key=_wait) if denied else None,
         idempotency_key=idempotency,
-        replayed=bool(replayed),
+        replayed=replayed == 1,
     )
 
 

@@ -1,8 +1,8 @@
 """Denial near-cache: once an account's daily quota is spent until T, answer locally until T.
 
-Abusive clients then cost no Redis round trip. An entry is keyed by the account and its limits, so
-a config change that alters the limits misses it; grants and resets publish the account on
-INVALIDATIONS and every replica that follows the channel drops its entry.
+Abusive clients then cost no Redis round trip. An entry is kept per account with the limits it was
+made under, so a plan change or a config change that alters the limits misses it; grants and
+resets publish the account on INVALIDATIONS and every replica that follows the channel drops its entry.
 """
 
 from __future__ import annotations
@@ -25,48 +25,59 @@ INVALIDATIONS = "qg:invalidate"
 log = logging.getLogger("quotagate.limits")
 
 
+# A refusal served from the cache is rebuilt, its waits shortened, at most this often; in between
+# the same answer is served again, overstating the wait by at most this much (never understating it).
+REFRESH_S = 0.05
+
+
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    limits: LimitSet
+    stored_at: float
+    decision: Decision  # as Redis answered it
+    served_at: float  # when `served` was made from it
+    served: Decision  # `decision` with its waits shortened by served_at - stored_at
+
+
 class DenialCache:
-    """Refusals by an exhausted daily quota, kept until the quota's day ends."""
+    """Refusals by an exhausted daily quota, kept until the quota's day ends; one entry per account."""
 
     def __init__(self, *, size: int = 100_000, clock: Callable[[], float] = time.time) -> None:
         self._size = size
         self._clock = clock
-        self._entries: dict[tuple[str, LimitSet], tuple[float, Decision]] = {}
+        self._entries: dict[str, _Entry] = {}
 
     def get(self, account: str, limits: LimitSet, now: float | None = None) -> Decision | None:
         """The cached refusal, its waits shortened by the time since; None if there is none."""
-        entry = self._entries.get((account, limits))
+        entry = self._entries.get(account)
         if entry is None:
             return None
-        stored_at, decision = entry
-        elapsed = (self._clock() if now is None else now) - stored_at
-        if decision.retry_after is None or elapsed >= decision.retry_after:
-            del self._entries[(account, limits)]
+        if entry.limits is not limits and entry.limits != limits:  # another plan, or ops changed it
             return None
-        states = tuple(
-            dataclasses.replace(
-                s,
-                reset_after=max(s.reset_after - elapsed, 0.0),
-                retry_after=None if s.retry_after is None else max(s.retry_after - elapsed, 0.0),
-            )
-            for s in decision.states
-        )
-        denied = states[decision.states.index(decision.denied_by)] if decision.denied_by else None
-        return dataclasses.replace(decision, states=states, denied_by=denied, cached=True)
+        at = self._clock() if now is None else now
+        if 0 <= at - entry.served_at < REFRESH_S:
+            return entry.served
+        elapsed = at - entry.stored_at
+        retry_after = entry.decision.retry_after
+        if retry_after is None or elapsed >= retry_after:
+            del self._entries[account]
+            return None
+        entry.served, entry.served_at = _aged(entry.decision, elapsed), at
+        return entry.served
 
     def remember(self, account: str, limits: LimitSet, decision: Decision, now: float | None = None) -> None:
         """Keep `decision` if a daily quota with nothing left refused it: no request can pass until T."""
         state = decision.denied_by
         if state is None or not isinstance(state.limit, DailyQuota) or state.remaining != 0:
             return
-        if len(self._entries) >= self._size:
+        if len(self._entries) >= self._size and account not in self._entries:
             self._entries.pop(next(iter(self._entries)))
-        self._entries[(account, limits)] = (self._clock() if now is None else now, decision)
+        at = self._clock() if now is None else now
+        self._entries[account] = _Entry(limits, at, decision, at, dataclasses.replace(decision, cached=True))
 
     def forget(self, account: str) -> None:
-        """Drop every entry of `account` (after a grant or reset)."""
-        for key in [k for k in self._entries if k[0] == account]:
-            del self._entries[key]
+        """Drop `account`'s entry (after a grant or reset)."""
+        self._entries.pop(account, None)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -95,3 +106,17 @@ class DenialCache:
                 self.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), retry_every)
+
+
+def _aged(decision: Decision, elapsed: float) -> Decision:
+    """`decision` as seen `elapsed` seconds later, marked as served from the cache."""
+    states = tuple(
+        dataclasses.replace(
+            s,
+            reset_after=max(s.reset_after - elapsed, 0.0),
+            retry_after=None if s.retry_after is None else max(s.retry_after - elapsed, 0.0),
+        )
+        for s in decision.states
+    )
+    denied = states[decision.states.index(decision.denied_by)] if decision.denied_by else None
+    return dataclasses.replace(decision, states=states, denied_by=denied, cached=True)

@@ -142,15 +142,15 @@ async def test_the_invalidation_follower_ends_when_told_even_while_connecting(re
     assert done == {follower}
 
 
-async def test_concurrent_decisions_travel_in_one_pipeline(redis_client: Redis, monkeypatch: Any) -> None:
+async def test_concurrent_decisions_travel_in_one_write(redis_client: Redis, monkeypatch: Any) -> None:
     sizes: list[int] = []
-    send = Coalescer._pipeline
+    write = Coalescer._write
 
-    async def counting(self: Coalescer, batch: list[Any]) -> list[Any]:
-        sizes.append(len(batch))
-        return await send(self, batch)
+    def counting(self: Coalescer, calls: list[Any]) -> None:
+        sizes.append(len(calls))
+        write(self, calls)
 
-    monkeypatch.setattr(Coalescer, "_pipeline", counting)
+    monkeypatch.setattr(Coalescer, "_write", counting)
     engine, limits = Engine(redis_client), plan(daily=None)
     decisions = await asyncio.gather(*(engine.decide(f"u{i}", limits, 1, now=NOON) for i in range(64)))
     assert all(d.allowed for d in decisions)
