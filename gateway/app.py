@@ -21,9 +21,11 @@ from gateway.config import Config, load_config
 from gateway.errors import ApiError, ConfigError, handle_api_error
 from gateway.forward import Forwarder
 from gateway.identity import KeyStore
+from gateway.logs import configure_logging
 from gateway.metrics import GatewayMetrics, render, worker_exited
 from gateway.proxy import proxy
 from gateway.reload import LiveConfig, reload_on_sighup
+from gateway.requestlog import logged
 from gateway.settings import Settings
 from limits import Engine, RedisClient, connect
 from limits.nearcache import DenialCache
@@ -132,7 +134,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
-        Route("/{path:path}", proxy, methods=PROXIED_METHODS),
+        Route("/{path:path}", logged(proxy), methods=PROXIED_METHODS),
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: handle_api_error})
 
@@ -140,4 +142,5 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
 def app_from_env() -> Starlette:
     """uvicorn factory: the gateway configured by QUOTAGATE_* environment variables."""
     settings = Settings.from_env()
+    configure_logging(settings.log_format)
     return create_app(settings, load_config(settings.config_path))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
@@ -31,6 +30,7 @@ from gateway.forward import upstream_headers
 from gateway.headers import rate_limit_headers
 from gateway.identity import Identity
 from gateway.metrics import NO_PLAN
+from gateway.requestlog import RequestRecord, prompt_of, since_ms
 from limits import Decision, LimitsError
 
 if TYPE_CHECKING:
@@ -46,28 +46,37 @@ async def proxy(request: Request) -> Response:
     route = config.routes.get(request.url.path)
     if route is None:
         return error_response(NotFound(f"No route for {request.method} {request.url.path}."))
+    record: RequestRecord = request.state.record
+    record.route = route.path
     plan_label = NO_PLAN
     try:
         identity = await services.keys.authenticate(_bearer(request))
+        record.account = identity.account
         plan = config.plans.get(identity.plan)
         if plan is None:
             raise Forbidden(f"This account's plan {identity.plan!r} is not offered; contact support.")
-        plan_label = plan.name
+        plan_label = record.plan = plan.name
         body = await _read_body(request, services.settings.max_body_bytes)
-        cost = request_cost(route, body)
-        started = time.perf_counter()
+        if services.settings.log_prompts:
+            record.prompt = prompt_of(body)
+        record.cost = cost = request_cost(route, body)
         idempotency_key = request.headers.get("idempotency-key")
-        decision = await admit(services.engine, identity, plan, cost, idempotency_key=idempotency_key)
-        services.metrics.decision_seconds.observe(time.perf_counter() - started)
+        started = time.perf_counter()
+        try:
+            decision = await admit(services.engine, identity, plan, cost, idempotency_key=idempotency_key)
+        finally:  # refusals are decisions too
+            record.decision_ms = since_ms(started)
+            services.metrics.decision_seconds.observe(record.decision_ms / 1000)
     except ApiError as exc:
-        services.metrics.requests.labels(plan_label, route.path, _outcome(exc)).inc()
+        record.outcome = _outcome(exc)
+        services.metrics.requests.labels(plan_label, route.path, record.outcome).inc()
         if isinstance(exc.__cause__, RedisError | LimitsError):
             services.metrics.redis_errors.labels("authenticate" if plan_label == NO_PLAN else "decide").inc()
         return error_response(exc)
     if not decision.replayed:
         services.metrics.images_charged.labels(plan.name).inc(cost)
 
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request_id = record.request_id
     answer_headers = {**rate_limit_headers(plan.limits, decision), "X-Request-Id": request_id}
     forwarded = upstream_headers(
         request.headers,
@@ -84,10 +93,13 @@ async def proxy(request: Request) -> Response:
         upstream = await services.forwarder.send(route.upstream, request.method, path_qs, forwarded, body)
     except BadGateway as exc:
         await _refund(services, identity, plan, decision)
+        record.outcome = "upstream_error"
         services.metrics.requests.labels(plan.name, route.path, "upstream_error").inc()
         return error_response(exc, answer_headers)
     finally:
         services.metrics.upstream_seconds.labels(route.path).observe(time.perf_counter() - started)
+        record.upstream_ms = since_ms(started)
+    record.upstream_status = upstream.status
 
     if 200 <= upstream.status < 300:
         outcome = "allowed"
@@ -96,6 +108,7 @@ async def proxy(request: Request) -> Response:
         # Retry-After) and its 4xx alike.
         await _refund(services, identity, plan, decision)
         outcome = "upstream_error" if upstream.status >= 500 else "refunded"
+    record.outcome = outcome
     services.metrics.requests.labels(plan.name, route.path, outcome).inc()
     return Response(upstream.body, upstream.status, headers={**upstream.headers, **answer_headers})
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from gateway.errors import ConfigError
+from gateway.logs import FORMATS as LOG_FORMATS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,12 +29,17 @@ class Settings:
     upstream_connect_timeout: float = 2.0
     upstream_read_timeout: float = 300.0
     config_poll_interval: float = 0.5  # seconds between looks at the quota file; 0: reload on SIGHUP only
+    log_format: str = "auto"  # json, text, or auto: text on a terminal, else JSON
+    log_prompts: bool = False  # prompts are users' words: kept out of the logs unless asked for
 
     def __post_init__(self) -> None:
         if len(self.key_secret) < 16:
             raise ConfigError(
                 "QUOTAGATE_KEY_SECRET: must be at least 16 bytes; generate one with `openssl rand -hex 32`"
             )
+        if self.log_format not in LOG_FORMATS:
+            choices = ", ".join(LOG_FORMATS)
+            raise ConfigError(f"QUOTAGATE_LOG_FORMAT: expected one of {choices}, got {self.log_format!r}")
         for name, urls in self.upstreams.items():
             for url in urls:
                 if not url.startswith(("http://", "https://")):
@@ -56,6 +62,12 @@ class Settings:
             except ValueError as exc:
                 raise ConfigError(f"{name}: expected a number, got {raw!r}") from exc
 
+        def flag(name: str) -> bool:
+            raw = environ.get(name, "").lower()
+            if raw not in ("", "0", "1", "false", "true", "no", "yes"):
+                raise ConfigError(f"{name}: expected 1 or 0, got {raw!r}")
+            return raw in ("1", "true", "yes")
+
         return cls(
             config_path=Path(need("QUOTAGATE_CONFIG")),
             redis_url=need("QUOTAGATE_REDIS_URL"),
@@ -66,6 +78,8 @@ class Settings:
             upstream_connect_timeout=number("QUOTAGATE_UPSTREAM_CONNECT_TIMEOUT", 2.0),
             upstream_read_timeout=number("QUOTAGATE_UPSTREAM_READ_TIMEOUT", 300.0),
             config_poll_interval=number("QUOTAGATE_CONFIG_POLL", 0.5),
+            log_format=environ.get("QUOTAGATE_LOG_FORMAT") or "auto",
+            log_prompts=flag("QUOTAGATE_LOG_PROMPTS"),
         )
 
 

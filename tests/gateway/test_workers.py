@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,52 +17,25 @@ from redis.asyncio import Redis
 
 from gateway.identity import KeyStore
 from gateway.metrics import MULTIPROC_ENV, shared_across_workers
-from tests.ports import free_port
 
-from .conftest import QUOTAS, SECRET, StubUpstream
+from .conftest import SECRET, StubUpstream
+from .serving import serve
 
 pytestmark = pytest.mark.anyio
 
 PATH = "/v1/images/generations"
-START_TIMEOUT = 30.0
 ALLOWED = {"plan": "pro", "route": PATH, "outcome": "allowed"}
 
 
 @pytest.fixture
 def gateway(tmp_path: Path, redis_url: str, upstream: StubUpstream) -> Iterator[tuple[str, Path]]:
     """Two uvicorn workers behind one port, sharing `metrics_dir`."""
-    (tmp_path / "quotas.yaml").write_text(QUOTAS)
     metrics_dir = tmp_path / "metrics"
-    (metrics_dir).mkdir()
+    metrics_dir.mkdir()
     (metrics_dir / "counter_1.db").write_bytes(b"stale")  # from a run before: must be cleaned
-    port = free_port()
-    env = {
-        **os.environ,
-        MULTIPROC_ENV: str(metrics_dir),
-        "QUOTAGATE_CONFIG": str(tmp_path / "quotas.yaml"),
-        "QUOTAGATE_REDIS_URL": redis_url,
-        "QUOTAGATE_KEY_SECRET": SECRET.decode(),
-        "QUOTAGATE_UPSTREAMS": f"diffusion={upstream.url}",
-    }
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--workers", "2", "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            assert process.poll() is None, process.communicate()[0].decode()
-            assert time.monotonic() < deadline, "gateway not ready"
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        yield url, metrics_dir
-    finally:
-        process.terminate()
-        process.wait(15)
-        if process.stdout is not None:
-            process.stdout.close()
+    env = {MULTIPROC_ENV: str(metrics_dir)}
+    with serve(tmp_path, redis_url, upstream.url, args=("--workers", "2"), env=env, stderr=None) as served:
+        yield served.url, metrics_dir
 
 
 def _allowed_by_worker(metrics_dir: Path) -> list[float]:

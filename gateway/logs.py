@@ -1,0 +1,63 @@
+"""How the gateway writes log lines: one JSON object per line for collectors, plain text in a terminal.
+
+A record's structured fields travel in `extra={"fields": {...}}`; both formats print them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+LOGGER = "quotagate"
+FORMATS = ("auto", "json", "text")
+
+
+class JsonFormatter(logging.Formatter):
+    """`{"ts", "level", "logger", "message", ...fields}` on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, separators=(",", ":"), default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """`ts LEVEL message key=value ...`, for a person reading a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items() if v is not None)
+        text = f"{_timestamp(record.created)} {record.levelname:<7} {record.getMessage()}"
+        text = f"{text}  {fields}" if fields else text
+        if record.exc_info:
+            text = f"{text}\n{self.formatException(record.exc_info)}"
+        return text
+
+
+def configure_logging(log_format: str = "auto", stream: TextIO | None = None) -> None:
+    """Send the `quotagate` loggers to `stream` (stderr): JSON, or text when `auto` meets a terminal."""
+    if log_format not in FORMATS:
+        raise ValueError(f"log format {log_format!r}: expected one of {', '.join(FORMATS)}")
+    stream = stream or sys.stderr
+    as_text = log_format == "text" or (log_format == "auto" and stream.isatty())
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter() if as_text else JsonFormatter())
+    logger = logging.getLogger(LOGGER)
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _timestamp(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
