@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from gateway.config import Config, load_config
@@ -74,6 +75,15 @@ def _plan_set(args: argparse.Namespace) -> int:
 def _config_check(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     print(f"{config.source}: ok ({len(config.plans)} plans, {len(config.routes)} routes, version {config.version})")
+    now = time.time()
+    for name, override in config.overrides.items():
+        state = "in force" if now < override.until.timestamp() else "expired: no longer applies"
+        (bucket,), (quota,) = override.plan.limits.buckets, override.plan.limits.quotas
+        daily = "unlimited" if quota.limit is None else quota.limit
+        print(
+            f"  override {name}: daily_images {daily}, rate {bucket.rate}/{bucket.period}s burst {bucket.burst}"
+            f" until {override.until.isoformat()} ({state}): {override.reason}"
+        )
     return 0
 
 

@@ -2,14 +2,19 @@
 
 Unknown keys are refused, and every error reads `file:line: field: problem`. URLs, ports and
 secrets are not here: they are environment settings (gateway/settings.py).
+
+A temporary override replaces a plan's daily quota or rate until a set instant, then lapses by
+itself: the limits in force are a function of the time (`Config.plan_at`), so no reload is needed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import date, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -44,6 +49,15 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class Override:
+    """A plan's limits replaced until `until` (an aware instant), for `reason`."""
+
+    plan: Plan  # the plan as it stands while the override applies
+    until: datetime
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """One loaded quota file."""
 
@@ -52,6 +66,14 @@ class Config:
     timezone: ZoneInfo
     plans: Mapping[str, Plan]
     routes: Mapping[str, Route]  # by path
+    overrides: Mapping[str, Override] = field(default_factory=lambda: MappingProxyType({}))  # by plan name
+
+    def plan_at(self, name: str, now: float) -> Plan | None:
+        """The plan `name` as it applies at `now` (seconds since the epoch), its override included."""
+        override = self.overrides.get(name)
+        if override is not None and now < override.until.timestamp():
+            return override.plan
+        return self.plans.get(name)
 
 
 def load_config(path: Path | str) -> Config:
@@ -75,7 +97,7 @@ def parse_config(text: str, *, source: str) -> Config:
     reader = _Reader(source)
     if root is None:
         raise ConfigError(f"{source}:1: (file): empty; expected `plans` and `routes`")
-    top = reader.mapping(root, "(file)", required={"plans", "routes"}, optional={"timezone"})
+    top = reader.mapping(root, "(file)", required={"plans", "routes"}, optional={"timezone", "overrides"})
     timezone = reader.timezone(top["timezone"], "timezone") if "timezone" in top else ZoneInfo("UTC")
     plans = {
         name: reader.plan(node, name, timezone) for name, node in reader.named_mapping(top["plans"], "plans").items()
@@ -86,12 +108,20 @@ def parse_config(text: str, *, source: str) -> Config:
         if route.path in routes:
             raise reader.error(node, f"routes[{i}].path", f"{route.path} is routed twice")
         routes[route.path] = route
+    overrides: dict[str, Override] = {}
+    for i, node in enumerate(reader.sequence(top["overrides"], "overrides") if "overrides" in top else ()):
+        override = reader.override(node, f"overrides[{i}]", plans)
+        name = override.plan.name
+        if name in overrides:
+            raise reader.error(node, f"overrides[{i}].plan", f"{name} has two overrides; keep one per plan")
+        overrides[name] = override
     return Config(
         source=source,
         version=hashlib.sha256(text.encode()).hexdigest()[:12],
         timezone=timezone,
         plans=MappingProxyType(plans),
         routes=MappingProxyType(routes),
+        overrides=MappingProxyType(overrides),
     )
 
 
@@ -169,25 +199,65 @@ class _Reader:
         field = f"plans.{name}"
         entries = self.mapping(node, field, required={"priority", "daily_images", "rate"})
         priority = self.integer(entries["priority"], f"{field}.priority", minimum=0)
-        daily_node = entries["daily_images"]
-        if self.scalar(daily_node) == "unlimited":
-            daily: int | None = None
-        else:
-            daily = self.integer(daily_node, f"{field}.daily_images", minimum=0)
-        rate_field = f"{field}.rate"
-        rate = self.mapping(entries["rate"], rate_field, required={"images", "per", "burst"})
-        per = self.string(rate["per"], f"{rate_field}.per")
-        if per not in PERIODS:
-            raise self.error(rate["per"], f"{rate_field}.per", f"expected one of {', '.join(PERIODS)}, got {per!r}")
-        bucket = Bucket(
-            name=f"{name}-rate",
-            counter="rate",
-            rate=self.integer(rate["images"], f"{rate_field}.images", minimum=1),
-            period=PERIODS[per],
-            burst=self.integer(rate["burst"], f"{rate_field}.burst", minimum=1),
-        )
-        quota = DailyQuota(name=f"{name}-daily", counter="daily", limit=daily, timezone=timezone)
+        bucket = self.rate(entries["rate"], f"{field}.rate", name)
+        quota = self.daily(entries["daily_images"], f"{field}.daily_images", name, timezone)
         return Plan(name=name, priority=priority, limits=LimitSet(buckets=(bucket,), quotas=(quota,)))
+
+    def rate(self, node: yaml.Node, field: str, plan: str) -> Bucket:
+        rate = self.mapping(node, field, required={"images", "per", "burst"})
+        per = self.string(rate["per"], f"{field}.per")
+        if per not in PERIODS:
+            raise self.error(rate["per"], f"{field}.per", f"expected one of {', '.join(PERIODS)}, got {per!r}")
+        return Bucket(
+            name=f"{plan}-rate",
+            counter="rate",
+            rate=self.integer(rate["images"], f"{field}.images", minimum=1),
+            period=PERIODS[per],
+            burst=self.integer(rate["burst"], f"{field}.burst", minimum=1),
+        )
+
+    def daily(self, node: yaml.Node, field: str, plan: str, timezone: ZoneInfo) -> DailyQuota:
+        limit = None if self.scalar(node) == "unlimited" else self.integer(node, field, minimum=0)
+        return DailyQuota(name=f"{plan}-daily", counter="daily", limit=limit, timezone=timezone)
+
+    def override(self, node: yaml.Node, field: str, plans: Mapping[str, Plan]) -> Override:
+        # The same counters as the plan's own limits, so what was used before the override still counts.
+        entries = self.mapping(node, field, required={"plan", "until", "reason"}, optional={"daily_images", "rate"})
+        name = self.string(entries["plan"], f"{field}.plan")
+        base = plans.get(name)
+        if base is None:
+            raise self.error(entries["plan"], f"{field}.plan", f"no plan {name!r}; plans: {', '.join(plans)}")
+        if not {"daily_images", "rate"} & entries.keys():
+            raise self.error(node, field, "set daily_images or rate (or both)")
+        (bucket,), (quota,) = base.limits.buckets, base.limits.quotas
+        if "rate" in entries:
+            bucket = self.rate(entries["rate"], f"{field}.rate", name)
+        if "daily_images" in entries:
+            quota = self.daily(entries["daily_images"], f"{field}.daily_images", name, quota.timezone)
+        limits = LimitSet(buckets=(bucket,), quotas=(quota,))
+        return Override(
+            plan=dataclasses.replace(base, limits=limits),
+            until=self.instant(entries["until"], f"{field}.until"),
+            reason=self.string(entries["reason"], f"{field}.reason"),
+        )
+
+    def instant(self, node: yaml.Node, field: str) -> datetime:
+        """An ISO 8601 date and time with its UTC offset: a bare time would be ambiguous across zones and DST."""
+        expected = "expected a date and time like 2026-11-24T00:00:00+01:00"
+        value = self.scalar(node)
+        if isinstance(value, str):
+            try:
+                value = datetime.fromisoformat(value)
+            except ValueError as exc:
+                raise self.error(node, field, f"{expected}, got {value!r}") from exc
+        if not isinstance(value, datetime):
+            shown = value.isoformat() if isinstance(value, date) else _show(value)
+            raise self.error(node, field, f"{expected}, got {shown}")
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise self.error(
+                node, field, f"{value.isoformat()} has no UTC offset; write it like 2026-11-24T00:00:00+01:00 or ...Z"
+            )
+        return value
 
     def route(self, node: yaml.Node, field: str) -> Route:
         entries = self.mapping(node, field, required={"path", "upstream", "cost"})
