@@ -37,7 +37,7 @@ BAD = {
     "empty": ("", "q.yaml:1: (file): empty; expected `plans` and `routes`"),
     "unknown top key": (
         QUOTAS + "limits: {}\n",
-        "q.yaml:15: limits: unknown key; expected one of: plans, routes, timezone",
+        "q.yaml:15: limits: unknown key; expected one of: overrides, plans, routes, timezone",
     ),
     "unknown plan key": (
         QUOTAS.replace("    priority: 0\n", "    priority: 0\n    colour: blue\n"),
