@@ -17,18 +17,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.authguard import FailedAuthGuard
 from gateway.config import Config, load_config
 from gateway.errors import ApiError, ConfigError, handle_api_error
 from gateway.forward import Forwarder
 from gateway.identity import KeyStore
 from gateway.logs import configure_logging
 from gateway.metrics import GatewayMetrics, render, worker_exited
+from gateway.peers import TrustedProxies
 from gateway.proxy import proxy
 from gateway.reload import LiveConfig, reload_on_sighup
 from gateway.requestlog import logged
 from gateway.settings import Settings
 from limits import Engine, RedisClient, connect
-from limits.nearcache import DenialCache
+from limits.nearcache import DenialCache, follow_invalidations
 
 PROXIED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
@@ -44,6 +46,8 @@ class Services:
     keys: KeyStore
     forwarder: Forwarder
     metrics: GatewayMetrics
+    peers: TrustedProxies
+    auth_guard: FailedAuthGuard
 
     @property
     def config(self) -> Config:
@@ -86,8 +90,16 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             # concurrent first commands can fail outside redis-py's error tree.
             await redis.initialize()
         near_cache = DenialCache()
+        # A cluster client has no pub/sub here: without invalidations, identities are cached 1 s only.
+        following = isinstance(redis, Redis)
+        keys = KeyStore(redis, settings.key_secret, cache_ttl=settings.key_cache_ttl if following else 1.0)
         stop_following = asyncio.Event()
-        follower = asyncio.create_task(near_cache.follow(redis, stop_following)) if isinstance(redis, Redis) else None
+        follower = (
+            asyncio.create_task(follow_invalidations(redis, stop_following, [near_cache, keys]))
+            if isinstance(redis, Redis)
+            else None
+        )
+        engine = Engine(redis, near_cache=near_cache)
         stop_watching = asyncio.Event()
         interval = settings.config_poll_interval
         watcher = asyncio.create_task(live_config.watch(stop_watching, every=interval)) if interval > 0 else None
@@ -95,10 +107,12 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             settings=settings,
             live_config=live_config,
             redis=redis,
-            engine=Engine(redis, near_cache=near_cache),
-            keys=KeyStore(redis, settings.key_secret),
+            engine=engine,
+            keys=keys,
             forwarder=Forwarder(session, settings.upstreams),
             metrics=metrics,
+            peers=TrustedProxies(settings.trusted_proxies),
+            auth_guard=FailedAuthGuard(engine, settings.auth_failures_per_minute),
         )
         try:
             with reload_on_sighup(live_config):

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.config import Config, load_config
@@ -60,6 +61,27 @@ def _keys_create(args: argparse.Namespace) -> int:
         print(json.dumps({"key": key, "account": args.account, "plan": args.plan}))
     else:
         print(f"{key}\n(account {args.account}, plan {args.plan}; shown once: it is stored only as a hash)")
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    redis_url, secret, _ = _target(args)
+    infos = asyncio.run(_with_store(redis_url, secret, lambda store: store.list_keys(args.account)))
+    if args.json:
+        print(json.dumps([{"key_id": i.key_id, "account": i.account, "created": i.created} for i in infos]))
+    else:
+        for info in infos:
+            created = datetime.fromtimestamp(info.created, UTC).isoformat(timespec="seconds")
+            print(f"{info.key_id}  created {created}")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    redis_url, secret, _ = _target(args)
+    account = asyncio.run(_with_store(redis_url, secret, lambda store: store.revoke(args.key_id)))
+    print(
+        json.dumps({"revoked": args.key_id, "account": account}) if args.json else f"revoked {args.key_id} ({account})"
+    )
     return 0
 
 
@@ -138,6 +160,16 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--plan", required=True)
     admin(create)
     create.set_defaults(run=_keys_create)
+
+    listing = keys.add_parser("list", help="an account's keys (ids and creation times, never secrets)")
+    listing.add_argument("account")
+    admin(listing)
+    listing.set_defaults(run=_keys_list)
+
+    revoke = keys.add_parser("revoke", help="revoke a key; every gateway replica refuses it at once")
+    revoke.add_argument("key_id", help="the key id `keys list` shows (or the whole key)")
+    admin(revoke)
+    revoke.set_defaults(run=_keys_revoke)
 
     plan = commands.add_parser("plan", help="accounts' plans").add_subparsers(required=True, metavar="ACTION")
     plan_set = plan.add_parser("set", help="move an account to a plan")

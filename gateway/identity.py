@@ -1,7 +1,9 @@
 """API keys → account → plan, kept in Redis; only an HMAC of each key's secret is stored.
 
-A key reads `qg_<key id>_<secret>`. Lookups are cached for `cache_ttl` seconds per replica, so
-the steady state costs no Redis round trip, and a revoked key or a plan change is seen within it.
+A key reads `qg_<key id>_<secret>`. Lookups are cached per replica, so the steady state costs no
+Redis round trip. Whatever changes an account (a revoked key, a new plan) is published on the
+engine's invalidation channel, and every replica that follows it drops that account at once; the
+cache TTL only bounds staleness for a replica that cannot follow the channel (Redis Cluster).
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
 from gateway.errors import ServiceUnavailable, Unauthorized
 from limits import RedisClient
+from limits.nearcache import INVALIDATIONS
 
 _KEY = re.compile(r"^qg_([0-9a-f]{16})_([0-9a-f]{48})$")
+KEY_ID = re.compile(r"^[0-9a-f]{16}$")
 ACCOUNT = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
 
 
@@ -29,7 +33,16 @@ class Identity:
 
     account: str
     plan: str
+    key_id: str | None  # None: the account was vouched for by a trusted auth proxy
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """A key as `keys list` shows it: never its secret."""
+
     key_id: str
+    account: str
+    created: int  # unix seconds; 0 if unknown
 
 
 def _key_record(key_id: str) -> str:
@@ -40,8 +53,12 @@ def _account_record(account: str) -> str:
     return f"qg:account:{account}"
 
 
+def _account_keys(account: str) -> str:
+    return f"qg:account:{account}:keys"
+
+
 class KeyStore:
-    """Creates keys and authenticates them."""
+    """Creates, lists and revokes keys, moves accounts between plans, and authenticates requests."""
 
     def __init__(
         self,
@@ -57,25 +74,69 @@ class KeyStore:
         self._ttl = cache_ttl
         self._size = cache_size
         self._clock = clock
-        self._cache: dict[str, tuple[float, str, Identity]] = {}
+        # cache key ("k:<key id>" or "a:<account>") → (expires at, HMAC or None, identity)
+        self._cache: dict[str, tuple[float, str | None, Identity]] = {}
+        self._by_account: dict[str, set[str]] = {}
+        # Bumped by every invalidation: a lookup that was in flight meanwhile may have read the old
+        # state, so its answer is used but not cached.
+        self._generation = 0
 
     def _digest(self, key_secret: str) -> str:
         return hmac.new(self._secret, key_secret.encode(), hashlib.sha256).hexdigest()
 
     async def create_key(self, account: str, plan: str) -> str:
         """A new key for `account`, whose plan becomes `plan`. The key is shown once, never stored."""
-        if not ACCOUNT.match(account):
-            raise ValueError(f"account {account!r}: use 1-128 letters, digits, '.', '_', '@' or '-'")
+        _check_account(account)
         key_id, key_secret = secrets.token_hex(8), secrets.token_hex(24)
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hset(_key_record(key_id), mapping={"hmac": self._digest(key_secret), "account": account})
+            pipe.hset(
+                _key_record(key_id),
+                mapping={"hmac": self._digest(key_secret), "account": account, "created": int(time.time())},
+            )
+            pipe.sadd(_account_keys(account), key_id)
             pipe.hset(_account_record(account), "plan", plan)
+            pipe.publish(INVALIDATIONS, account)
             await pipe.execute()
+        self.forget(account)
         return f"qg_{key_id}_{key_secret}"
 
+    async def list_keys(self, account: str) -> list[KeyInfo]:
+        """The live keys of `account`, oldest first."""
+        _check_account(account)
+        infos = []
+        for raw in await self._redis.smembers(_account_keys(account)):
+            key_id = _text(raw)
+            created = await self._redis.hget(_key_record(key_id), "created")
+            if created is not None:
+                infos.append(KeyInfo(key_id, account, int(created)))
+        return sorted(infos, key=lambda info: (info.created, info.key_id))
+
+    async def revoke(self, key_id: str) -> str:
+        """Delete the key `key_id` (a key id, or a whole key); every replica refuses it at once. Returns its account."""
+        match = _KEY.match(key_id)
+        key_id = match.group(1) if match else key_id
+        if not KEY_ID.match(key_id):
+            raise ValueError(f"key id {key_id!r}: expected 16 hex digits, as `keys list` shows")
+        account = await self._redis.hget(_key_record(key_id), "account")
+        if account is None:
+            raise ValueError(f"no key {key_id}")
+        account = _text(account)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.delete(_key_record(key_id))
+            pipe.srem(_account_keys(account), key_id)
+            pipe.publish(INVALIDATIONS, account)
+            await pipe.execute()
+        self.forget(account)
+        return account
+
     async def set_plan(self, account: str, plan: str) -> None:
-        """Move `account` to `plan`."""
-        await self._redis.hset(_account_record(account), "plan", plan)
+        """Move `account` to `plan`; every replica sees it at once."""
+        _check_account(account)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hset(_account_record(account), "plan", plan)
+            pipe.publish(INVALIDATIONS, account)
+            await pipe.execute()
+        self.forget(account)
 
     async def authenticate(self, api_key: str) -> Identity:
         """The identity behind `api_key`; Unauthorized if it is malformed, unknown or revoked."""
@@ -83,33 +144,79 @@ class KeyStore:
         if not match:
             raise Unauthorized("Incorrect API key provided: expected `Authorization: Bearer qg_...`.")
         key_id, key_secret = match.groups()
-        now = self._clock()
-        cached = self._cache.get(key_id)
-        if cached and cached[0] > now:
-            _, digest, identity = cached
-        else:
-            digest, identity = await self._lookup(key_id)
-            if len(self._cache) >= self._size:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key_id] = (now + self._ttl, digest, identity)
+        digest, identity = await self._cached(f"k:{key_id}", lambda: self._lookup_key(key_id))
+        assert digest is not None
         if not hmac.compare_digest(digest, self._digest(key_secret)):
             raise Unauthorized("Incorrect API key provided.")
         return identity
 
-    async def _lookup(self, key_id: str) -> tuple[str, Identity]:
+    async def vouched(self, account: str) -> Identity:
+        """The identity of an account named by a trusted auth proxy; Unauthorized if it has no plan."""
+        if not ACCOUNT.match(account):
+            raise Unauthorized("The account named by the auth proxy is malformed.")
+        _, identity = await self._cached(f"a:{account}", lambda: self._lookup_account(account))
+        return identity
+
+    def forget(self, account: str) -> None:
+        """Drop what this replica caches about `account` (it changed)."""
+        self._generation += 1
+        for cache_key in self._by_account.pop(account, ()):
+            self._cache.pop(cache_key, None)
+
+    def clear(self) -> None:
+        """Drop the whole cache (invalidations may have been missed)."""
+        self._generation += 1
+        self._cache.clear()
+        self._by_account.clear()
+
+    async def _cached(
+        self, cache_key: str, lookup: Callable[[], Awaitable[tuple[str | None, Identity]]]
+    ) -> tuple[str | None, Identity]:
+        now = self._clock()
+        cached = self._cache.get(cache_key)
+        if cached and cached[0] > now:
+            return cached[1], cached[2]
+        generation = self._generation
         try:
-            record = await self._redis.hgetall(_key_record(key_id))
-            if not record:
-                raise Unauthorized("Incorrect API key provided.")
-            account = _text(record[b"account"])
-            plan = await self._redis.hget(_account_record(account), "plan")
+            digest, identity = await lookup()
         except RedisError as exc:
             raise ServiceUnavailable(
                 "The key store is unavailable; retry shortly.", headers={"Retry-After": "1"}
             ) from exc
+        if generation == self._generation:
+            if len(self._cache) >= self._size:
+                self._evict_oldest()
+            self._cache[cache_key] = (now + self._ttl, digest, identity)
+            self._by_account.setdefault(identity.account, set()).add(cache_key)
+        return digest, identity
+
+    def _evict_oldest(self) -> None:
+        cache_key, (_, _, identity) = next(iter(self._cache.items()))
+        del self._cache[cache_key]
+        keys = self._by_account.get(identity.account)
+        if keys is not None:
+            keys.discard(cache_key)
+            if not keys:
+                del self._by_account[identity.account]
+
+    async def _lookup_key(self, key_id: str) -> tuple[str | None, Identity]:
+        record = await self._redis.hmget(_key_record(key_id), ["hmac", "account"])
+        digest, account = record
+        if digest is None or account is None:
+            raise Unauthorized("Incorrect API key provided.")
+        _, identity = await self._lookup_account(_text(account), key_id)
+        return _text(digest), identity
+
+    async def _lookup_account(self, account: str, key_id: str | None = None) -> tuple[str | None, Identity]:
+        plan = await self._redis.hget(_account_record(account), "plan")
         if plan is None:
-            raise Unauthorized("This API key's account no longer exists.")
-        return _text(record[b"hmac"]), Identity(account=account, plan=_text(plan), key_id=key_id)
+            raise Unauthorized("This account has no plan; ask for a key.")
+        return None, Identity(account=account, plan=_text(plan), key_id=key_id)
+
+
+def _check_account(account: str) -> None:
+    if not ACCOUNT.match(account):
+        raise ValueError(f"account {account!r}: use 1-128 letters, digits, '.', '_', '@' or '-'")
 
 
 def _text(value: bytes | str) -> str:

@@ -49,8 +49,9 @@ async def proxy(request: Request) -> Response:
     record: RequestRecord = request.state.record
     record.route = route.path
     plan_label = NO_PLAN
+    address = services.peers.client_address(_peer(request), request.headers.get("x-forwarded-for"))
     try:
-        identity = await services.keys.authenticate(_bearer(request))
+        identity = await _identify(request, services, address)
         record.account = identity.account
         plan = config.plan_at(identity.plan, time.time())  # a temporary override lapses by itself
         if plan is None:
@@ -85,7 +86,9 @@ async def proxy(request: Request) -> Response:
             "X-Forwarded-For": _forwarded_for(request),
             "X-Quotagate-Priority": str(plan.priority),
             "X-Quotagate-Plan": plan.name,
+            "X-Quotagate-Account": identity.account,
         },
+        drop=(services.settings.account_header,),
     )
     path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     started = time.perf_counter()
@@ -123,6 +126,22 @@ async def _refund(services: Services, identity: Identity, plan: Plan, decision: 
     services.metrics.images_refunded.labels(plan.name).inc(decision.cost)
 
 
+async def _identify(request: Request, services: Services, address: str) -> Identity:
+    """The caller: an account a trusted proxy vouches for, else the API key's; failures count per address."""
+    services.auth_guard.check(address)
+    try:
+        vouched = request.headers.get(services.settings.account_header)
+        if vouched is not None and services.peers.trusts(_peer(request)):
+            return await services.keys.vouched(vouched)
+        return await services.keys.authenticate(_bearer(request))
+    except Unauthorized as exc:
+        raise (await services.auth_guard.failed(address)) or exc from None
+
+
+def _peer(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
 def _bearer(request: Request) -> str:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
@@ -144,7 +163,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _forwarded_for(request: Request) -> str:
-    client = request.client.host if request.client else "unknown"
+    client = _peer(request) or "unknown"
     prior = request.headers.get("x-forwarded-for")
     return f"{prior}, {client}" if prior else client
 

@@ -14,6 +14,7 @@ from types import MappingProxyType
 
 from gateway.errors import ConfigError
 from gateway.logs import FORMATS as LOG_FORMATS
+from gateway.peers import Network, parse_networks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +32,11 @@ class Settings:
     config_poll_interval: float = 0.5  # seconds between looks at the quota file; 0: reload on SIGHUP only
     log_format: str = "auto"  # json, text, or auto: text on a terminal, else JSON
     log_prompts: bool = False  # prompts are users' words: kept out of the logs unless asked for
+    # Identity and trust (gateway/identity.py, gateway/peers.py, gateway/authguard.py).
+    key_cache_ttl: float = 60.0  # seconds; invalidations make changes visible at once, this bounds the rest
+    trusted_proxies: tuple[Network, ...] = ()
+    account_header: str = "X-Quotagate-Account"
+    auth_failures_per_minute: int = 20
 
     def __post_init__(self) -> None:
         if len(self.key_secret) < 16:
@@ -80,6 +86,10 @@ class Settings:
             config_poll_interval=number("QUOTAGATE_CONFIG_POLL", 0.5),
             log_format=environ.get("QUOTAGATE_LOG_FORMAT") or "auto",
             log_prompts=flag("QUOTAGATE_LOG_PROMPTS"),
+            key_cache_ttl=number("QUOTAGATE_KEY_CACHE_TTL", 60.0),
+            trusted_proxies=parse_networks(environ.get("QUOTAGATE_TRUSTED_PROXIES", "")),
+            account_header=environ.get("QUOTAGATE_ACCOUNT_HEADER") or "X-Quotagate-Account",
+            auth_failures_per_minute=int(number("QUOTAGATE_AUTH_FAILURES_PER_MINUTE", 20)),
         )
 
 

@@ -21,11 +21,22 @@ class _ReloadingSupervisor(Multiprocess):
                 os.kill(process.pid, signal.SIGHUP)
 
 
+# uvicorn's own X-Forwarded-For rewriting is off: the gateway believes it only from
+# QUOTAGATE_TRUSTED_PROXIES (gateway/peers.py), and must see the socket's peer to decide that.
+PROXY_HEADERS = False
+
+
 def serve(*, host: str, port: int, workers: int) -> None:
     """Serve `gateway.app:app_from_env` until SIGINT or SIGTERM."""
     if workers == 1:  # one process: it takes SIGHUP itself
         uvicorn.run(
-            "gateway.app:app_from_env", factory=True, host=host, port=port, access_log=False, log_level="warning"
+            "gateway.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            proxy_headers=PROXY_HEADERS,
+            access_log=False,
+            log_level="warning",
         )
         return
     config = uvicorn.Config(
@@ -34,6 +45,7 @@ def serve(*, host: str, port: int, workers: int) -> None:
         host=host,
         port=port,
         workers=workers,
+        proxy_headers=PROXY_HEADERS,
         access_log=False,
         log_level="warning",
     )

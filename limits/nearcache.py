@@ -3,6 +3,8 @@
 Abusive clients then cost no Redis round trip. An entry is kept per account with the limits it was
 made under, so a plan change or a config change that alters the limits misses it; grants and
 resets publish the account on INVALIDATIONS and every replica that follows the channel drops its entry.
+Other per-replica caches of account state (the gateway's key → account → plan cache) follow the
+same channel through `follow_invalidations`: one subscription per process, one message per changed account.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -83,29 +86,48 @@ class DenialCache:
         self._entries.clear()
 
     async def follow(self, redis: Redis, stop: asyncio.Event, *, retry_every: float = 1.0) -> None:
-        """Drop entries as grants and resets are announced, until `stop` is set.
+        """Drop entries as grants and resets are announced, until `stop` is set (see follow_invalidations)."""
+        await follow_invalidations(redis, stop, [self], retry_every=retry_every)
 
-        Run it as a task. Stopping by flag as well as by cancel: a cancel that lands while redis-py
-        is connecting can be swallowed there, and the loop must still end (within a second).
-        """
-        while not stop.is_set():
-            try:
-                async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(INVALIDATIONS)
-                    # Whatever was announced while we were not listening is lost: start clean.
-                    self.clear()
-                    while not stop.is_set():
-                        # An explicit wait: a blocking read would trip the client's short socket timeout.
-                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                        if message is not None:
-                            self.forget(message["data"].decode())
-            except (RedisError, OSError) as exc:
-                if stop.is_set():
-                    return
-                log.warning("near-cache invalidations interrupted (%s); retrying", exc)
-                self.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), retry_every)
+
+class AccountCache(Protocol):
+    """A per-replica cache of what Redis says about accounts, kept true by INVALIDATIONS."""
+
+    def forget(self, account: str) -> None: ...
+
+    def clear(self) -> None: ...
+
+
+async def follow_invalidations(
+    redis: Redis, stop: asyncio.Event, caches: Sequence[AccountCache], *, retry_every: float = 1.0
+) -> None:
+    """Tell every cache of each account announced on INVALIDATIONS, until `stop` is set.
+
+    Run it as a task. Stopping by flag as well as by cancel: a cancel that lands while redis-py
+    is connecting can be swallowed there, and the loop must still end (within a second).
+    """
+    while not stop.is_set():
+        try:
+            async with redis.pubsub() as pubsub:
+                await pubsub.subscribe(INVALIDATIONS)
+                # Whatever was announced while we were not listening is lost: start clean.
+                for cache in caches:
+                    cache.clear()
+                while not stop.is_set():
+                    # An explicit wait: a blocking read would trip the client's short socket timeout.
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None:
+                        account = message["data"].decode()
+                        for cache in caches:
+                            cache.forget(account)
+        except (RedisError, OSError) as exc:
+            if stop.is_set():
+                return
+            log.warning("invalidations interrupted (%s); retrying", exc)
+            for cache in caches:
+                cache.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), retry_every)
 
 
 def _aged(decision: Decision, elapsed: float) -> Decision:

@@ -159,12 +159,14 @@ async def test_internal_headers_from_clients_are_dropped_and_the_gateway_sets_it
             "Authorization": f"Bearer {keys['free']}",
             "X-Quotagate-Priority": "99",
             "X-Quotagate-Plan": "pro",
+            "X-Quotagate-Account": "acct-pro",
             "X-Request-Id": "req-1",
         },
     )
     (seen,) = upstream.seen
     assert seen["x-quotagate-priority"] == "0"
     assert seen["x-quotagate-plan"] == "free"
+    assert seen["x-quotagate-account"] == "acct-free"  # an account header from an untrusted client is ignored
     assert seen["x-request-id"] == "req-1"
     assert "authorization" not in seen
     assert seen["x-forwarded-for"]
