@@ -121,7 +121,14 @@ def test_free_key_gets_three_images_then_rate_limit_error(stack: Stack) -> None:
             client.images.generate(prompt="one more", n=1, response_format="b64_json")
     assert refused.value.status_code == 429
     assert refused.value.code == "insufficient_quota"
-    assert int(refused.value.response.headers["Retry-After"]) > 0
+    headers = refused.value.response.headers
+    assert int(headers["Retry-After"]) > 0
+    # The rate-limit fields reach the client intact, and Retry-After is never before the daily reset.
+    assert '"free-daily";q=3;w=86400' in headers["RateLimit-Policy"]
+    reset = int(headers["RateLimit"].split('"free-daily";r=0;t=')[1].split(",")[0])
+    assert int(headers["Retry-After"]) >= reset
+    assert headers["x-ratelimit-limit-images"] == "3" and headers["x-ratelimit-remaining-images"] == "0"
+    assert headers["x-ratelimit-reset-images"].endswith("s") and "x-ratelimit-remaining-requests" in headers
 
 
 def test_pro_key_is_not_stopped_by_a_daily_quota(stack: Stack) -> None:
