@@ -28,6 +28,7 @@ from limits import PERIODS, Bucket, DailyQuota, LimitSet
 MAX_IMAGES_PER_REQUEST = 10  # the OpenAI Images API's bound on `n`
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+SHADOWABLE = ("daily_images", "rate")  # the plan keys whose limit can be put in shadow mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,11 +198,30 @@ class _Reader:
 
     def plan(self, node: yaml.Node, name: str, timezone: ZoneInfo) -> Plan:
         field = f"plans.{name}"
-        entries = self.mapping(node, field, required={"priority", "daily_images", "rate"})
+        entries = self.mapping(node, field, required={"priority", "daily_images", "rate"}, optional={"shadow"})
         priority = self.integer(entries["priority"], f"{field}.priority", minimum=0)
+        shadow = self.shadow(entries["shadow"], f"{field}.shadow") if "shadow" in entries else set()
         bucket = self.rate(entries["rate"], f"{field}.rate", name)
         quota = self.daily(entries["daily_images"], f"{field}.daily_images", name, timezone)
-        return Plan(name=name, priority=priority, limits=LimitSet(buckets=(bucket,), quotas=(quota,)))
+        limits = LimitSet(
+            buckets=(dataclasses.replace(bucket, shadow="rate" in shadow),),
+            quotas=(dataclasses.replace(quota, shadow="daily_images" in shadow),),
+        )
+        return Plan(name=name, priority=priority, limits=limits)
+
+    def shadow(self, node: yaml.Node, field: str) -> set[str]:
+        """The limits of a plan in shadow mode: computed and counted, never enforced."""
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.error(
+                node, field, f"expected a list of limits (daily_images, rate), got {_show(self.scalar(node))}"
+            )
+        names = set()
+        for item in node.value:
+            name = self.scalar(item)
+            if name not in SHADOWABLE:
+                raise self.error(item, field, f"expected daily_images or rate, got {_show(name)}")
+            names.add(name)
+        return names
 
     def rate(self, node: yaml.Node, field: str, plan: str) -> Bucket:
         rate = self.mapping(node, field, required={"images", "per", "burst"})
@@ -230,10 +250,12 @@ class _Reader:
         if not {"daily_images", "rate"} & entries.keys():
             raise self.error(node, field, "set daily_images or rate (or both)")
         (bucket,), (quota,) = base.limits.buckets, base.limits.quotas
+        # New numbers; whether each limit is enforced or in shadow mode stays the plan's.
         if "rate" in entries:
-            bucket = self.rate(entries["rate"], f"{field}.rate", name)
+            bucket = dataclasses.replace(self.rate(entries["rate"], f"{field}.rate", name), shadow=bucket.shadow)
         if "daily_images" in entries:
-            quota = self.daily(entries["daily_images"], f"{field}.daily_images", name, quota.timezone)
+            new = self.daily(entries["daily_images"], f"{field}.daily_images", name, quota.timezone)
+            quota = dataclasses.replace(new, shadow=quota.shadow)
         limits = LimitSet(buckets=(bucket,), quotas=(quota,))
         return Override(
             plan=dataclasses.replace(base, limits=limits),

@@ -2,7 +2,8 @@
 
 IETF draft-ietf-httpapi-ratelimit-headers (draft 08 and later): `RateLimit-Policy` lists each
 limit's quota `q` and window `w` (seconds); `RateLimit` gives what `r` remains and in how many
-seconds `t` it resets. Unlimited quotas are not limits, so they are left out of both.
+seconds `t` it resets. Unlimited quotas and limits in shadow mode refuse nothing, so they are left
+out of both, and of OpenAI's fields.
 
 OpenAI's fields, which its clients and dashboards read: `x-ratelimit-{limit,remaining,reset}-requests`
 describe the plan's token bucket (OpenAI's short-window limit) and `-images` its daily image quota,
@@ -31,14 +32,21 @@ def rate_limit_headers(limits: LimitSet, decision: Decision) -> dict[str, str]:
         headers["RateLimit"] = ", ".join(
             f'"{s.limit.name}";r={s.remaining};t={math.ceil(s.reset_after)}'
             for s in decision.states
-            if s.remaining is not None
+            if s.remaining is not None and not s.limit.shadow
         )
-    bucket = next((s for s in decision.states if isinstance(s.limit, Bucket)), None)
+    bucket = next((s for s in decision.states if isinstance(s.limit, Bucket) and not s.limit.shadow), None)
     if bucket is not None and isinstance(bucket.limit, Bucket):
         headers["x-ratelimit-limit-requests"] = str(bucket.limit.burst)
         headers["x-ratelimit-remaining-requests"] = str(bucket.remaining)
         headers["x-ratelimit-reset-requests"] = duration(bucket.reset_after)
-    daily = next((s for s in decision.states if isinstance(s.limit, DailyQuota) and s.remaining is not None), None)
+    daily = next(
+        (
+            s
+            for s in decision.states
+            if isinstance(s.limit, DailyQuota) and s.remaining is not None and not s.limit.shadow
+        ),
+        None,
+    )
     if daily is not None and isinstance(daily.limit, DailyQuota):
         headers["x-ratelimit-limit-images"] = str(daily.limit.limit)
         headers["x-ratelimit-remaining-images"] = str(daily.remaining)
@@ -79,6 +87,8 @@ def duration(seconds: float) -> str:
 def _policy(limits: LimitSet) -> str:
     entries = []
     for limit in limits:
+        if limit.shadow:
+            continue
         if isinstance(limit, Bucket):
             entries.append(f'"{limit.name}";q={limit.burst};w={math.ceil(limit.burst * limit.interval_us / 1e6)}')
         elif limit.limit is not None:

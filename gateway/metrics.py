@@ -33,7 +33,7 @@ OUTCOMES = (
 # Requests refused before their plan is known are counted under this plan label.
 NO_PLAN = "none"
 NO_PLAN_OUTCOMES = ("unauthorized", "store_unavailable", "shed", "bad_request")
-# What a shadow config would have decided for a request the live config decided.
+# What a plan's shadow limits would have decided for a request its enforced limits admitted.
 SHADOW_OUTCOMES = ("allowed", "rate_limited", "quota_exhausted")
 # Where a Redis call failed.
 REDIS_OPERATIONS = ("authenticate", "decide", "refund", "admin", "readyz", "reload")
@@ -108,7 +108,7 @@ class GatewayMetrics:
         )
         self.shadow_requests = Counter(
             "quotagate_shadow_requests",
-            "What the shadow config would have decided, by plan, route and outcome; nothing is enforced.",
+            "What shadow limits would have decided for admitted requests, by plan, route and outcome; not enforced.",
             ["plan", "route", "outcome"],
             registry=registry,
         )

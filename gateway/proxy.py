@@ -31,7 +31,7 @@ from gateway.headers import rate_limit_headers
 from gateway.identity import Identity
 from gateway.metrics import NO_PLAN
 from gateway.requestlog import RequestRecord, prompt_of, since_ms
-from limits import Decision, LimitsError
+from limits import DailyQuota, Decision, LimitsError
 
 if TYPE_CHECKING:
     from gateway.app import Services
@@ -76,6 +76,8 @@ async def proxy(request: Request) -> Response:
         return error_response(exc)
     if not decision.replayed:
         services.metrics.images_charged.labels(plan.name).inc(cost)
+    if plan.limits.shadow_arg:  # the plan has limits in shadow mode: count what they would have done
+        services.metrics.shadow_requests.labels(plan.name, route.path, _shadow_outcome(decision)).inc()
 
     request_id = record.request_id
     answer_headers = {**rate_limit_headers(plan.limits, decision), "X-Request-Id": request_id}
@@ -140,6 +142,13 @@ async def _identify(request: Request, services: Services, address: str) -> Ident
 
 def _peer(request: Request) -> str | None:
     return request.client.host if request.client else None
+
+
+def _shadow_outcome(decision: Decision) -> str:
+    refusals = decision.shadow_refusals
+    if not refusals:
+        return "allowed"
+    return "quota_exhausted" if any(isinstance(s.limit, DailyQuota) for s in refusals) else "rate_limited"
 
 
 def _bearer(request: Request) -> str:

@@ -33,8 +33,13 @@ class Decision:
 
     @property
     def retry_after(self) -> float | None:
-        """Seconds until every limit would admit the same request; None if one never will."""
-        waits = [s.retry_after for s in self.states]
+        """Seconds until every enforced limit would admit the same request; None if one never will."""
+        waits = [s.retry_after for s in self.states if not s.limit.shadow]
         if any(w is None for w in waits):
             return None
         return max((w for w in waits if w is not None), default=0.0)
+
+    @property
+    def shadow_refusals(self) -> tuple[LimitState, ...]:
+        """The shadow limits that would have refused this request (and took nothing from it)."""
+        return tuple(s for s in self.states if s.limit.shadow and s.retry_after != 0)

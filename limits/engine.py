@@ -16,7 +16,7 @@ from limits.decision import Decision, LimitState
 from limits.errors import ClockSkew, StoreUnavailable
 from limits.keys import counter_key, idempotency_record
 from limits.nearcache import INVALIDATIONS, DenialCache
-from limits.policy import DailyQuota, LimitSet
+from limits.policy import Bucket, DailyQuota, LimitSet
 from limits.store import RedisClient
 
 IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
@@ -68,7 +68,7 @@ class Engine:
         if idempotency_key is not None and cost > 0:
             keys.append(idempotency_record(account, idempotency_key))
             keep_ms = IDEMPOTENCY_TTL_MS
-        args: list[Any] = [_now_arg(now), cost, len(limits.buckets), keep_ms, *limits.bucket_args]
+        args: list[Any] = [_now_arg(now), cost, len(limits.buckets), keep_ms, limits.shadow_arg, *limits.bucket_args]
         for quota in limits.quotas:
             args.append(-1 if quota.limit is None else quota.limit)
             args.extend(day_starts(quota.timezone, wall))
@@ -86,12 +86,15 @@ class Engine:
         """Give back what an admitted `decision` took. A decision with an idempotency key is refunded once."""
         if not decision.allowed or decision.cost == 0 or decision.replayed:
             return
-        keys = _keys(account, limits)
+        # Only what was charged: a shadow limit that would have refused took nothing.
+        charged = [s for s in decision.states if s.retry_after == 0]
+        buckets = [s.limit for s in charged if isinstance(s.limit, Bucket)]
+        keys = [counter_key(account, s.limit.counter) for s in charged]
         if decision.idempotency_key is not None:
             keys.append(idempotency_record(account, decision.idempotency_key))
-        args: list[Any] = [_now_arg(now), decision.cost, len(limits.buckets), int(decision.idempotency_key is not None)]
-        args.extend(b.interval_us for b in limits.buckets)
-        args.extend(s.day_start_us for s in decision.states[len(limits.buckets) :])
+        args: list[Any] = [_now_arg(now), decision.cost, len(buckets), int(decision.idempotency_key is not None)]
+        args.extend(b.interval_us for b in buckets)
+        args.extend(s.day_start_us for s in charged if isinstance(s.limit, DailyQuota))
         await self._call("refund", keys, args)
 
     async def grant(self, account: str, quota: DailyQuota, units: int, *, now: float | None = None) -> int:
@@ -158,7 +161,7 @@ def _decision(limits: LimitSet, cost: int, reply: list[int], idempotency: str | 
             day,
         )
         states.append(state)
-        if retry != 0:
+        if retry != 0 and not limit.shadow:
             refusing.append(state)
         at += 4
     return Decision(

@@ -10,13 +10,17 @@ PERIODS: dict[str, int] = {"second": 1, "minute": 60, "hour": 3600, "day": 86400
 
 @dataclass(frozen=True, slots=True)
 class Bucket:
-    """A token bucket: `rate` units per `period` seconds sustained, up to `burst` at once."""
+    """A token bucket: `rate` units per `period` seconds sustained, up to `burst` at once.
+
+    `shadow`: computed and reported, never refuses (a limit tried out before it is enforced).
+    """
 
     name: str
     counter: str
     rate: int
     period: int
     burst: int
+    shadow: bool = False
 
     def __post_init__(self) -> None:
         if self.rate < 1 or self.period < 1 or self.burst < 1:
@@ -30,12 +34,13 @@ class Bucket:
 
 @dataclass(frozen=True, slots=True)
 class DailyQuota:
-    """Units per calendar day in `timezone`; `limit=None` counts usage and never refuses."""
+    """Units per calendar day in `timezone`; `limit=None` counts usage and never refuses; `shadow` as for Bucket."""
 
     name: str
     counter: str
     limit: int | None
     timezone: ZoneInfo
+    shadow: bool = False
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 0:
@@ -56,6 +61,7 @@ class LimitSet:
     buckets: tuple[Bucket, ...] = ()
     quotas: tuple[DailyQuota, ...] = ()
     bucket_args: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    shadow_arg: str = field(init=False, repr=False, compare=False)  # '1' per shadow limit, in order; '' if none
 
     def __post_init__(self) -> None:
         counters = [limit.counter for limit in self]
@@ -63,6 +69,8 @@ class LimitSet:
             raise ValueError(f"two limits share a counter: {counters}")
         args = tuple(n for b in self.buckets for n in (b.interval_us, b.burst))
         object.__setattr__(self, "bucket_args", args)
+        shadow = "".join("1" if limit.shadow else "0" for limit in self)
+        object.__setattr__(self, "shadow_arg", shadow if "1" in shadow else "")
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         yield from self.buckets

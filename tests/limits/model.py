@@ -65,24 +65,32 @@ class Model:
                 rows.append((max(left, 0), end - now, end - now))
             else:
                 rows.append((left - cost, end - now, 0))
-        allowed = all(r[2] == 0 for r in rows)
+        # A shadow limit never refuses; where it would have, it is not charged (as if enforced).
+        charged = [r[2] == 0 for r in rows]
+        allowed = all(ok or limit.shadow for ok, limit in zip(charged, self.limits, strict=True))
         if allowed and cost > 0:
             self.tat.update(new_tats)
-            for q, day in zip(self.limits.quotas, days, strict=True):
-                _, _, used, granted = self._usage(q, now)
-                self.quota[q.counter] = (day, used + cost, granted)
+            nb = len(self.limits.buckets)
+            for q, day, ok in zip(self.limits.quotas, days, charged[nb:], strict=True):
+                if ok:
+                    _, _, used, granted = self._usage(q, now)
+                    self.quota[q.counter] = (day, used + cost, granted)
         return Answer(allowed, rows), days
 
-    def refund(self, cost: int, days: list[int], now: int) -> None:
-        for b in self.limits.buckets:
+    def refund(self, cost: int, days: list[int], now: int, charged: list[bool]) -> None:
+        """Give back `cost` to the limits that were `charged` (in LimitSet order)."""
+        nb = len(self.limits.buckets)
+        for b, ok in zip(self.limits.buckets, charged[:nb], strict=True):
+            if not ok:
+                continue
             tat = self.tat.get(b.counter)
             if tat is not None and tat > now:
                 self.tat[b.counter] = tat - cost * b.interval_us
                 if self.tat[b.counter] <= now:
                     del self.tat[b.counter]
-        for q, day in zip(self.limits.quotas, days, strict=True):
+        for q, day, ok in zip(self.limits.quotas, days, charged[nb:], strict=True):
             stored = self.quota.get(q.counter)
-            if stored and stored[0] == day:
+            if ok and stored and stored[0] == day:
                 self.quota[q.counter] = (day, max(stored[1] - cost, 0), stored[2])
 
     def grant(self, quota: DailyQuota, units: int, now: int) -> None:
@@ -94,5 +102,5 @@ class Model:
         self.tat = {k: v for k, v in self.tat.items() if v > now}
 
 
-def bucket(rate: int, period: int, burst: int) -> Bucket:
-    return Bucket(name="b", counter="rate", rate=rate, period=period, burst=burst)
+def bucket(rate: int, period: int, burst: int, *, shadow: bool = False) -> Bucket:
+    return Bucket(name="b", counter="rate", rate=rate, period=period, burst=burst, shadow=shadow)

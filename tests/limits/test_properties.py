@@ -23,15 +23,17 @@ _accounts = itertools.count()
 # Buckets refill no faster than one unit a minute: Redis expires keys in real time while the tests
 # move an injected clock, and a key must not vanish under a test that did not move its clock.
 limit_sets = st.builds(
-    lambda rate, period, burst, daily, zone: LimitSet(
-        buckets=(bucket(rate, period, burst),),
-        quotas=(DailyQuota(name="q", counter="daily", limit=daily, timezone=zone),),
+    lambda rate, period, burst, daily, zone, shadow: LimitSet(
+        buckets=(bucket(rate, period, burst, shadow=shadow[0]),),
+        quotas=(DailyQuota(name="q", counter="daily", limit=daily, timezone=zone, shadow=shadow[1]),),
     ),
     rate=st.integers(1, 60),
     period=st.sampled_from([3600, 86400]),
     burst=st.integers(1, 8),
     daily=st.none() | st.integers(0, 12),
     zone=st.sampled_from(ZONES),
+    # Which limits are in shadow mode: mostly none, so enforcement keeps most of the examples.
+    shadow=st.sampled_from([(False, False)] * 4 + [(True, False), (False, True), (True, True)]),
 )
 operations = st.lists(
     st.one_of(
@@ -77,7 +79,7 @@ async def _run(redis_url: str, limits: LimitSet, ops: list[tuple[str, int]]) -> 
             elif op == "refund" and admitted:
                 decision, days = admitted.pop(value % len(admitted))
                 await engine.refund(account, limits, decision, now=now / 1e6)
-                model.refund(decision.cost, days, now)
+                model.refund(decision.cost, days, now, [s.retry_after == 0 for s in decision.states])
             elif op == "grant":
                 await engine.grant(account, limits.quotas[0], value, now=now / 1e6)
                 model.grant(limits.quotas[0], value, now)
