@@ -116,6 +116,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         )
         try:
             with reload_on_sighup(live_config):
+                live_config.poll()  # a change saved while this worker started, before SIGHUP could reach it
                 yield
         finally:
             stop_watching.set()

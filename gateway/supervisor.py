@@ -16,8 +16,10 @@ from uvicorn.supervisors import Multiprocess
 
 class _ReloadingSupervisor(Multiprocess):
     def handle_hup(self) -> None:
+        # Only to workers that have started: one still starting would die of the signal (its
+        # handler is not in place yet), and it reads the file afresh as it starts anyway.
         for process in self.processes:
-            if process.pid is not None:
+            if process.pid is not None and process.is_ready(timeout=1):
                 os.kill(process.pid, signal.SIGHUP)
 
 

@@ -41,7 +41,7 @@ BAD = {
     ),
     "unknown plan key": (
         QUOTAS.replace("    priority: 0\n", "    priority: 0\n    colour: blue\n"),
-        "q.yaml:5: plans.free.colour: unknown key; expected one of: daily_images, priority, rate",
+        "q.yaml:5: plans.free.colour: unknown key; expected one of: daily_images, priority, rate, shadow",
     ),
     "missing field": (
         QUOTAS.replace("    priority: 0\n", ""),
