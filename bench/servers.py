@@ -1,0 +1,57 @@
+"""The reference servers the gateway is measured against, as uvicorn factories.
+
+`uvicorn --factory --app-dir bench servers:bare_app` answers JSON and does nothing else: the ceiling of
+any Starlette app on this machine. `servers:passthrough_app` forwards every request to
+$BENCH_UPSTREAM over one aiohttp session, as the gateway's forward step does, with no identity and no
+limiting: what proxying alone costs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+ANSWER = {"created": 0, "data": [{"b64_json": "aW1hZ2U="}]}
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "host", "content-length"})
+
+
+def bare_app() -> Starlette:
+    """Reads the body and answers a fixed JSON image list."""
+
+    async def answer(request: Request) -> Response:
+        await request.body()
+        return JSONResponse(ANSWER)
+
+    return Starlette(routes=[Route("/{path:path}", answer, methods=["GET", "POST"])])
+
+
+def passthrough_app() -> Starlette:
+    """Forwards method, path, headers and body to $BENCH_UPSTREAM and relays the answer whole."""
+    upstream = os.environ["BENCH_UPSTREAM"].rstrip("/")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # The gateway's session settings (gateway/app.py), so the two differ only by what the gateway adds.
+        app.state.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), auto_decompress=False
+        )
+        yield
+        await app.state.session.close()
+
+    async def forward(request: Request) -> Response:
+        body = await request.body()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        session: aiohttp.ClientSession = request.app.state.session
+        async with session.request(request.method, upstream + request.url.path, headers=headers, data=body) as answer:
+            content = await answer.read()
+            relayed = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_BY_HOP}
+            return Response(content, answer.status, headers=relayed)
+
+    return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])], lifespan=lifespan)
