@@ -6,9 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.config import load_config
 from gateway.identity import KeyStore
-from limits import connect
+from limits import DailyQuota, Engine, connect
 
 from .processes import SECRET, ServiceSet
 
@@ -65,3 +67,26 @@ async def create_key(services: ServiceSet, redis_url: str, account: str, plan: s
         await redis.aclose()
     services.secrets.append(key)
     return key
+
+
+async def images_used(redis_url: str, quotas: Path, account: str, plan: str) -> int:
+    """Images charged to `account` today, read with the engine's peek (which charges nothing)."""
+    limits = load_config(quotas).plans[plan].limits
+    redis = connect(redis_url)
+    try:
+        decision = await Engine(redis).peek(account, limits)
+    finally:
+        await redis.aclose()
+    (daily,) = (state for state in decision.states if isinstance(state.limit, DailyQuota))
+    assert daily.limit.limit is not None and daily.remaining is not None
+    return daily.limit.limit - daily.remaining
+
+
+def metric(text: str, name: str) -> float:
+    """The sum of a metric's samples in Prometheus text."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
