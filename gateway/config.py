@@ -79,12 +79,18 @@ class Config:
 
 def load_config(path: Path | str) -> Config:
     """Read and check `path`; raise ConfigError naming the file, line, field and problem."""
-    path = Path(path)
+    return parse_config(read_config_text(path), source=str(path))
+
+
+def read_config_text(path: Path | str) -> str:
+    """The file's text; ConfigError if it cannot be read or is not UTF-8 (found by fuzzing)."""
     try:
-        text = path.read_text()
+        return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return parse_config(text, source=str(path))
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: (file): not UTF-8 text (byte {exc.object[exc.start]:#04x})") from exc
 
 
 def parse_config(text: str, *, source: str) -> Config:

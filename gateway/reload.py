@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from gateway.config import Config, parse_config
+from gateway.config import Config, parse_config, read_config_text
 from gateway.errors import ConfigError
 from gateway.metrics import GatewayMetrics
 
@@ -103,9 +103,8 @@ def reload_on_sighup(live: LiveConfig) -> Iterator[None]:
 def _read(path: Path) -> tuple[str, Config | ConfigError]:
     """The file's text (or why it cannot be read) and what it loads to."""
     try:
-        text = path.read_text()
-    except OSError as exc:
-        error = ConfigError(f"{path}: cannot read: {exc.strerror or exc}")
+        text = read_config_text(path)
+    except ConfigError as error:
         return str(error), error
     try:
         return text, parse_config(text, source=str(path))

@@ -100,3 +100,11 @@ def test_bad_config_is_refused_naming_file_line_field_and_problem(text: str, mes
 def test_missing_file_is_refused_with_its_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read: No such file or directory"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_file_that_is_not_utf8_is_refused_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "quotas.yaml"
+    path.write_bytes(b"timezone: UTC\nplans: \xff\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value) == f"{path}:2: (file): not UTF-8 text (byte 0xff)"
