@@ -24,6 +24,7 @@ from gateway.forward import Forwarder
 from gateway.identity import KeyStore
 from gateway.logs import configure_logging
 from gateway.metrics import GatewayMetrics, render, worker_exited
+from gateway.openapi import openapi_endpoint
 from gateway.peers import TrustedProxies
 from gateway.proxy import proxy
 from gateway.reload import LiveConfig, reload_on_sighup
@@ -149,6 +150,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
+        Route("/openapi.json", openapi_endpoint),
         Route("/{path:path}", logged(proxy), methods=PROXIED_METHODS),
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: handle_api_error})

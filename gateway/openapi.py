@@ -1,0 +1,108 @@
+"""The gateway's public API as an OpenAPI 3.1 document, served at /openapi.json.
+
+Static on purpose: the API is OpenAI's Images API, which the gateway does not define but passes on,
+plus its own errors. Clients and fuzzers (schemathesis, in tests/reliability) read it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+_GENERATION_REQUEST = {
+    "type": "object",
+    "required": ["prompt"],
+    "properties": {
+        "prompt": {"type": "string", "minLength": 1, "maxLength": 1000},
+        "n": {"type": "integer", "minimum": 1, "maximum": 10, "description": "images, each charged against the plan"},
+        "size": {"type": "string", "example": "256x256"},
+        "response_format": {"type": "string", "enum": ["b64_json", "url"]},
+        "model": {"type": "string"},
+        "seed": {"type": "integer", "minimum": 0, "maximum": 4294967295},
+        "steps": {"type": "integer", "minimum": 1},
+        "user": {"type": "string"},
+    },
+}
+
+_IMAGES = {
+    "type": "object",
+    "required": ["created", "data"],
+    "properties": {
+        "created": {"type": "integer"},
+        "data": {"type": "array", "items": {"type": "object", "properties": {"b64_json": {"type": "string"}}}},
+    },
+}
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "quotagate",
+        "version": "1",
+        "description": "OpenAI's Images API behind per-plan daily quotas and rate limits. Refused requests are "
+        "never charged; a failed generation is refunded.",
+    },
+    "components": {
+        "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer", "description": "qg_<id>_<secret>"}},
+        "schemas": {"Error": _ERROR, "GenerationRequest": _GENERATION_REQUEST, "Images": _IMAGES},
+    },
+    "paths": {
+        "/v1/images/generations": {
+            "post": {
+                "operationId": "createImage",
+                "security": [{"apiKey": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerationRequest"}}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "the images; charged",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Images"}}},
+                    },
+                    "400": _error("the body is not a request the service accepts; refunded or never charged"),
+                    "401": _error("missing, malformed, unknown or revoked API key"),
+                    "403": _error("the account's plan is not offered"),
+                    "413": _error("the body is over the configured size"),
+                    "429": _error("a daily quota is spent or a rate limit is reached; see Retry-After"),
+                    "502": _error("the image service failed; refunded"),
+                    "503": _error("the quota store or the image service is unavailable; see Retry-After"),
+                },
+            }
+        },
+        "/healthz": {"get": {"operationId": "health", "responses": {"200": {"description": "the process is up"}}}},
+        "/readyz": {
+            "get": {
+                "operationId": "ready",
+                "responses": {"200": {"description": "Redis answers"}, "503": {"description": "Redis does not"}},
+            }
+        },
+    },
+}
+
+
+async def openapi_endpoint(request: Request) -> Response:
+    return JSONResponse(DOCUMENT)
