@@ -33,6 +33,7 @@ from backend.errors import (
     error_response,
 )
 from backend.metrics import BackendMetrics
+from backend.openapi import describe
 from backend.validation import RequestLimits, parse_generation, parse_priority
 
 __all__ = ["PRIORITY_HEADER", "BackendState", "ServeSettings", "create_app"]
@@ -188,6 +189,10 @@ async def models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [entry]})
 
 
+async def openapi(request: Request) -> Response:
+    return JSONResponse(describe(_state(request).settings.limits))
+
+
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -258,6 +263,7 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,

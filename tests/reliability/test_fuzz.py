@@ -163,3 +163,27 @@ def test_random_quota_files_load_or_are_refused_naming_the_file(
         load_config(path)
     except ConfigError as refused:
         assert re.match(re.escape(str(path)) + r"(:\d+)?: \S", str(refused)), str(refused)
+
+
+def test_backend_openapi_cases_get_no_5xx_and_the_backend_stays_up(services: ServiceSet, tmp_path: Path) -> None:
+    # Small and quick to serve: 64 px, at most 2 images of 2 steps.
+    limits = ("--sizes", "64x64", "--default-size", "64x64", "--max-n", "2", "--max-steps", "2")
+    backend = services.backend(Path("tiny"), "--data-dir", str(tmp_path / "backend"), *limits)
+    backend.wait_ready("/readyz", timeout=120)
+    schema = schemathesis.openapi.from_url(backend.url + "/openapi.json")
+    tally: Counter[str] = Counter()
+
+    def fuzz(mode: GenerationMode) -> None:
+        @settings(FUZZ, max_examples=40)
+        @given(case=schema.as_strategy(generation_mode=mode))
+        def call(case: schemathesis.Case) -> None:
+            answer = case.call(base_url=backend.url, timeout=60)
+            assert answer.status_code < 500, f"{case.method} {case.path} {case.body!r} → {answer.status_code}"
+            tally[f"{mode.value} {answer.status_code}"] += 1
+
+        call()
+
+    fuzz(GenerationMode.POSITIVE)
+    fuzz(GenerationMode.NEGATIVE)
+    assert backend.process.poll() is None, "the backend crashed"
+    assert tally["positive 200"] > 0 and tally["negative 400"] > 0, tally
