@@ -82,11 +82,11 @@ async def images_used(redis_url: str, quotas: Path, account: str, plan: str) -> 
     return daily.limit.limit - daily.remaining
 
 
-def metric(text: str, name: str) -> float:
-    """The sum of a metric's samples in Prometheus text."""
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples in Prometheus text, over those with these label values."""
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == name
+        if sample.name == name and labels.items() <= sample.labels.items()
     )
