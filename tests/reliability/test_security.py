@@ -1,0 +1,90 @@
+"""What must never leak: keys into logs, client-sent internal headers or credentials into the backend.
+
+Every test of this package also checks, at its end, that no key it made and no secret appears in any
+log of any process it started (the `services` fixture); here the gateway is driven down every path
+that logs, so that check is not vacuous.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import PATH, create_key
+from .processes import ServiceSet
+
+pytestmark = pytest.mark.anyio
+
+BODY = {"prompt": "a lighthouse", "n": 1}
+
+
+def seen_headers(services: ServiceSet) -> list[dict[str, str]]:
+    """The headers of every request the stub received."""
+    return [json.loads(line) for line in (services.tmp / "stub.seen.jsonl").read_text().splitlines()]
+
+
+async def test_client_sent_internal_headers_and_credentials_never_reach_the_backend(
+    services: ServiceSet, quotas: Path, redis_url: str
+) -> None:
+    stub = services.stub_upstream()
+    gateway = services.gateway("gateway", quotas, redis_url, stub.url)
+    stub.wait_ready()
+    gateway.wait_ready()
+    key = await create_key(services, redis_url, "sneaky", "free")
+    forged = {
+        "Authorization": f"Bearer {key}",
+        "X-Quotagate-Priority": "100",
+        "X-Quotagate-Plan": "paid",
+        "x-quotagate-account": "someone-else",
+        "X-QUOTAGATE-TRUSTED": "1",
+        "Proxy-Authorization": "Basic c2VjcmV0",
+        "Cookie": "session=abc",
+    }
+    async with httpx.AsyncClient(base_url=gateway.url) as client:
+        answer = await client.post(PATH, json=BODY, headers=forged)
+    assert answer.status_code == 200
+
+    (received,) = seen_headers(services)
+    internal = {name: value for name, value in received.items() if name.startswith("x-quotagate-")}
+    assert internal == {"x-quotagate-priority": "0", "x-quotagate-plan": "free"}  # the gateway's, from the plan
+    assert "authorization" not in received and "proxy-authorization" not in received
+    assert key not in json.dumps(received)
+
+
+async def test_no_key_or_secret_is_logged_on_any_path(services: ServiceSet, quotas: Path, redis_url: str) -> None:
+    stub = services.stub_upstream()
+    gateway = services.gateway("gateway", quotas, redis_url, stub.url, {"QUOTAGATE_LOG_FORMAT": "json"})
+    stub.wait_ready()
+    gateway.wait_ready()
+    free = await create_key(services, redis_url, "free-user", "free")
+    paid = await create_key(services, redis_url, "paid-user", "paid")
+    key_id, secret = free.split("_")[1:]
+    wrong_secret = f"qg_{key_id}_{secret[::-1]}"
+    services.secrets += [secret, wrong_secret]
+
+    async with httpx.AsyncClient(base_url=gateway.url) as client:
+
+        async def post(authorization: str, body: object = BODY) -> int:
+            answer = await client.post(PATH, json=body, headers={"Authorization": authorization})
+            return answer.status_code
+
+        statuses = [
+            *[await post(f"Bearer {free}") for _ in range(4)],  # 3 images, then 429
+            await post(f"Bearer {paid}"),
+            await post(f"Bearer {paid}", {"n": "many"}),  # 400, refused before charging
+            await post(f"Bearer {paid}", {"n": 1}),  # the stub's 400: charged, then refunded
+            await post(f"Bearer {wrong_secret}"),  # a real key id with the wrong secret
+            await post(f"Basic {paid}"),
+            await post(f"Bearer {paid}x"),  # malformed
+            await post(paid),
+        ]
+        stub.kill()
+        statuses.append(await post(f"Bearer {paid}"))  # 502: the backend is gone
+    assert statuses == [200, 200, 200, 429, 200, 400, 400, 401, 401, 401, 401, 502]
+
+    request_lines = [line for line in gateway.log.read_text().splitlines() if line.startswith("{")]
+    assert len(request_lines) >= len(statuses), gateway.log.read_text()
+    # The services fixture now reads every line of every log for the keys, the secret halves and SECRET.
