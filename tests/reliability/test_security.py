@@ -45,11 +45,18 @@ async def test_client_sent_internal_headers_and_credentials_never_reach_the_back
     }
     async with httpx.AsyncClient(base_url=gateway.url) as client:
         answer = await client.post(PATH, json=BODY, headers=forged)
+
+        # No key, only a forged account header: this peer is no trusted proxy, so it is not believed.
+        unkeyed = await client.post(PATH, json=BODY, headers={"X-Quotagate-Account": "paid-customer"})
     assert answer.status_code == 200
+    assert unkeyed.status_code == 401
 
     (received,) = seen_headers(services)
-    internal = {name: value for name, value in received.items() if name.startswith("x-quotagate-")}
-    assert internal == {"x-quotagate-priority": "0", "x-quotagate-plan": "free"}  # the gateway's, from the plan
+    # The gateway's own values, from the key's account and plan; none of the client's.
+    assert received["x-quotagate-priority"] == "0"
+    assert received["x-quotagate-plan"] == "free"
+    assert received.get("x-quotagate-account", "sneaky") == "sneaky"
+    assert "x-quotagate-trusted" not in received
     assert "authorization" not in received and "proxy-authorization" not in received
     assert key not in json.dumps(received)
 
