@@ -3,11 +3,13 @@
 `uvicorn --factory --app-dir bench servers:bare_app` answers JSON and does nothing else: the ceiling of
 any Starlette app on this machine. `servers:passthrough_app` forwards every request to
 $BENCH_UPSTREAM over one aiohttp session, as the gateway's forward step does, with no identity and no
-limiting: what proxying alone costs.
+limiting: what proxying alone costs. `servers:capacity_app` is the surge's image service: a fixed number
+of images at a time, a bounded queue, 503 past it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -55,3 +57,31 @@ def passthrough_app() -> Starlette:
             return Response(content, answer.status, headers=relayed)
 
     return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])], lifespan=lifespan)
+
+
+def capacity_app() -> Starlette:
+    """An image service of fixed capacity: $BENCH_SLOTS images at a time, $BENCH_SERVICE_MS each, first come
+    first served; over $BENCH_QUEUE waiting requests it answers 503 with Retry-After, as the real backend does."""
+    slots = asyncio.Semaphore(int(os.environ.get("BENCH_SLOTS", "4")))
+    service_s = float(os.environ.get("BENCH_SERVICE_MS", "20")) / 1000
+    queue_limit = int(os.environ.get("BENCH_QUEUE", "64"))
+    waiting = 0
+
+    async def generate(request: Request) -> Response:
+        nonlocal waiting
+        body = await request.json()
+        if waiting >= queue_limit:
+            error = {"message": "overloaded", "type": "server_error", "param": None, "code": "overloaded"}
+            return JSONResponse({"error": error}, status_code=503, headers={"Retry-After": "1"})
+        waiting += 1
+        try:
+            async with slots:
+                await asyncio.sleep(service_s * int(body.get("n", 1)))
+        finally:
+            waiting -= 1
+        return JSONResponse(ANSWER)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    return Starlette(routes=[Route("/v1/images/generations", generate, methods=["POST"]), Route("/healthz", healthz)])

@@ -1,0 +1,292 @@
+"""Launch day, compressed: a flood of new free accounts while paid customers keep working.
+
+Run with `make bench` or `.venv/bin/python bench/surge.py [--accounts 100000 --window 180] [--quick]`.
+Writes bench/results/surge.json, surge.md and, where matplotlib is installed, surge.png.
+
+The whole stack runs for real: redis-server, `quotagate serve` (alone on the first core), and an image
+service of fixed capacity (bench/servers.py:capacity_app: SLOTS images at a time, SERVICE_MS each, a
+bounded queue, 503 past it). The load generator, on the second core:
+
+  paid   PAID_ACCOUNTS accounts sending PAID_RPS requests a second in all, open loop (on a schedule,
+         whatever the answers), first alone for BASELINE seconds (the unloaded p99), then throughout;
+  free   ACCOUNTS new accounts arriving evenly over WINDOW seconds, each trying 5 images one after
+         the other (the plan allows 3 a day).
+
+Every answer is counted per second and plan as admitted (200), shed (503: the gateway or the service
+turned it away for lack of capacity), rejected (429: a quota or rate limit) or failed (anything else).
+The goal: the paid p99 stays within 2x its unloaded value while free traffic is shed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+# Run as a script, bench/ comes first on sys.path; the packages live in the repository root.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from overhead import RESULTS, SECRET, cores, spawn, wait_answering  # noqa: E402
+
+from gateway.embedded_redis import RedisServer  # noqa: E402
+from gateway.identity import KeyStore  # noqa: E402
+from limits import connect  # noqa: E402
+from tests.ports import free_port  # noqa: E402
+
+PATH = "/v1/images/generations"
+TRIES = 5
+QUOTAS = """\
+timezone: UTC
+plans:
+  free:
+    priority: 0
+    daily_images: 3
+    rate: {images: 60, per: minute, burst: 5}
+  paid:
+    priority: 10
+    daily_images: unlimited
+    rate: {images: 100000, per: minute, burst: 1000}
+routes:
+  - path: /v1/images/generations
+    upstream: diffusion
+    cost: images
+"""
+
+
+@dataclass
+class Recorder:
+    """Every answer: when (seconds from the start), which plan, what outcome, how long it took."""
+
+    started: float = field(default_factory=time.monotonic)
+    answers: list[tuple[float, str, str, float]] = field(default_factory=list)
+    codes: Counter[str] = field(default_factory=Counter)
+
+    def add(self, plan: str, status: int, code: str | None, sent: float) -> None:
+        now = time.monotonic()
+        outcome = {200: "admitted", 429: "rejected", 503: "shed"}.get(status, "failed")
+        self.answers.append((now - self.started, plan, outcome, (now - sent) * 1000))
+        self.codes[f"{plan} {status} {code}"] += 1
+
+
+async def request(session: aiohttp.ClientSession, url: str, key: str, plan: str, record: Recorder) -> None:
+    sent = time.monotonic()
+    try:
+        async with session.post(
+            url + PATH, json={"prompt": "launch day"}, headers={"Authorization": f"Bearer {key}"}
+        ) as r:
+            payload = await r.json(content_type=None)
+            code = (payload.get("error") or {}).get("code") if isinstance(payload, dict) else None
+            record.add(plan, r.status, code, sent)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        record.add(plan, 0, type(exc).__name__, sent)
+
+
+async def paid_load(session: aiohttp.ClientSession, url: str, keys: list[str], rps: float, until: asyncio.Event,
+                    record: Recorder) -> None:  # fmt: skip
+    """Open loop: one request every 1/rps seconds, round-robin over the paid keys, until `until` is set."""
+    tasks: set[asyncio.Task[None]] = set()
+    start, i = time.monotonic(), 0
+    while not until.is_set():
+        task = asyncio.create_task(request(session, url, keys[i % len(keys)], "paid", record))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        i += 1
+        await asyncio.sleep(max(0.0, start + i / rps - time.monotonic()))
+    await asyncio.gather(*tasks)
+
+
+async def free_account(session: aiohttp.ClientSession, url: str, key: str, record: Recorder) -> None:
+    for _ in range(TRIES):
+        await request(session, url, key, "free", record)
+
+
+async def free_surge(
+    session: aiohttp.ClientSession, url: str, keys: list[str], window: float, record: Recorder
+) -> None:
+    """Account i arrives at i/len(keys) of the window and tries its images one after the other."""
+    tasks = []
+    start = time.monotonic()
+    for i, key in enumerate(keys):
+        await asyncio.sleep(max(0.0, start + window * i / len(keys) - time.monotonic()))
+        tasks.append(asyncio.create_task(free_account(session, url, key, record)))
+    await asyncio.gather(*tasks)
+
+
+async def make_keys(redis_url: str, plan: str, count: int) -> list[str]:
+    redis = connect(redis_url)
+    store = KeyStore(redis, SECRET.encode())
+    keys: list[str] = []
+    try:
+        for start in range(0, count, 500):
+            batch = range(start, min(start + 500, count))
+            keys += await asyncio.gather(*(store.create_key(f"{plan}-{i}", plan) for i in batch))
+    finally:
+        await redis.aclose()
+    return keys
+
+
+def p99(latencies: list[float]) -> float:
+    return statistics.quantiles(latencies, n=100)[98] if len(latencies) >= 2 else (latencies or [0.0])[0]
+
+
+def summarize(record: Recorder, baseline_end: float, surge_end: float, args: argparse.Namespace) -> dict[str, Any]:
+    timeline: dict[int, dict[str, Any]] = defaultdict(lambda: {"free": Counter(), "paid": Counter(), "paid_ms": []})
+    for at, plan, outcome, ms in record.answers:
+        row = timeline[int(at)]
+        row[plan][outcome] += 1
+        if plan == "paid":
+            row["paid_ms"].append(ms)
+    unloaded = [ms for at, plan, outcome, ms in record.answers if plan == "paid" and at < baseline_end]
+    loaded = [ms for at, plan, _, ms in record.answers if plan == "paid" and baseline_end <= at < surge_end]
+    totals = {plan: Counter(o for _, p, o, _ in record.answers if p == plan) for plan in ("free", "paid")}
+    unloaded_p99, loaded_p99 = p99(unloaded), p99(loaded)
+    return {
+        "plans": ["free", "paid"],
+        "settings": vars(args),
+        "paid_p99_unloaded_ms": unloaded_p99,
+        "paid_p50_unloaded_ms": statistics.median(unloaded) if unloaded else 0.0,
+        "paid_p99_surge_ms": loaded_p99,
+        "paid_p50_surge_ms": statistics.median(loaded) if loaded else 0.0,
+        "paid_p99_ratio": loaded_p99 / unloaded_p99 if unloaded_p99 else float("inf"),
+        "totals": {plan: dict(counts) for plan, counts in totals.items()},
+        "codes": dict(record.codes),
+        "timeline": [
+            {
+                "t": second,
+                "free": dict(row["free"]),
+                "paid": dict(row["paid"]),
+                "paid_p99_ms": p99(row["paid_ms"]) if row["paid_ms"] else 0.0,
+            }
+            for second, row in sorted(timeline.items())
+        ],
+    }
+
+
+def table(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    ratio = results["paid_p99_ratio"]
+    lines = [
+        f"{s['accounts']:,} free accounts over {s['window']:.0f} s, {TRIES} tries each; {s['paid_rps']:.0f} paid "
+        f"requests/s; image service: {s['slots']} at a time, {s['service_ms']:.0f} ms each "
+        f"({s['slots'] * 1000 / s['service_ms']:.0f} images/s), queue {s['queue']}. {results['pinning']}.",
+        "",
+        "| plan | admitted | shed (503) | rejected (429) | failed |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {plan} | {t.get('admitted', 0):,} | {t.get('shed', 0):,} | {t.get('rejected', 0):,} | "
+            f"{t.get('failed', 0):,} |"
+            for plan, t in results["totals"].items()
+        ),
+        "",
+        "| paid latency | unloaded | during the surge | ratio (target ≤ 2) |",
+        "|---|---:|---:|---:|",
+        f"| p50 ms | {results['paid_p50_unloaded_ms']:.1f} | {results['paid_p50_surge_ms']:.1f} | |",
+        f"| p99 ms | {results['paid_p99_unloaded_ms']:.1f} | {results['paid_p99_surge_ms']:.1f} | "
+        f"{ratio:.2f} {'(met)' if ratio <= 2 else '(**not met**)'} |",
+    ]
+    return "\n".join(lines)
+
+
+async def simulate(args: argparse.Namespace, gateway_url: str, redis_url: str, pinning: str) -> dict[str, Any]:
+    paid_keys = await make_keys(redis_url, "paid", args.paid_accounts)
+    free_keys = await make_keys(redis_url, "free", args.accounts)
+    connector = aiohttp.TCPConnector(limit=args.connections)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        record = Recorder()
+        stop_paid = asyncio.Event()
+        paid = asyncio.create_task(paid_load(session, gateway_url, paid_keys, args.paid_rps, stop_paid, record))
+        await asyncio.sleep(args.baseline)
+        baseline_end = time.monotonic() - record.started
+        await free_surge(session, gateway_url, free_keys, args.window, record)
+        surge_end = time.monotonic() - record.started
+        await asyncio.sleep(args.tail)
+        stop_paid.set()
+        await paid
+    results = summarize(record, baseline_end, surge_end, args)
+    results["pinning"] = pinning
+    results["surge_s"] = surge_end - baseline_end
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--accounts", type=int, default=100_000, help="free accounts arriving (default 100,000)")
+    parser.add_argument("--window", type=float, default=240.0, help="seconds over which they arrive (default 240)")
+    parser.add_argument("--paid-accounts", type=int, default=50)
+    parser.add_argument("--paid-rps", type=float, default=20.0, help="paid requests per second (default 20)")
+    parser.add_argument("--baseline", type=float, default=10.0, help="seconds of paid load alone first")
+    parser.add_argument("--tail", type=float, default=3.0, help="seconds of paid load alone after the surge")
+    parser.add_argument("--slots", type=int, default=4, help="images the service makes at a time")
+    parser.add_argument("--service-ms", type=float, default=20.0, help="ms per image")
+    parser.add_argument("--queue", type=int, default=64, help="requests the service lets wait")
+    parser.add_argument("--connections", type=int, default=2000, help="client connections at most")
+    parser.add_argument("--quick", action="store_true", help="10,000 accounts over 60 s: to try the bench")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.accounts, args.window, args.baseline = 10_000, 60.0, 5.0
+    server_core, load_core, _ = cores()
+    pinning = f"gateway on core {server_core}; load generator, image service and redis-server on core {load_core}"
+    os.sched_setaffinity(0, {int(load_core)})
+    started = time.perf_counter()
+    processes = []
+    with tempfile.TemporaryDirectory(prefix="qg-surge-") as tmp:
+        redis = RedisServer(Path(tmp) / "redis", port=free_port())
+        redis.start()
+        try:
+            service_port, gateway_port = free_port(), free_port()
+            service_env = {"BENCH_SLOTS": str(args.slots), "BENCH_SERVICE_MS": str(args.service_ms),
+                           "BENCH_QUEUE": str(args.queue)}  # fmt: skip
+            uvicorn = [sys.executable, "-m", "uvicorn", "--no-access-log", "--log-level", "warning", "--factory"]
+            service = spawn(load_core, *uvicorn, "--app-dir", str(BENCH), "--port", str(service_port),
+                            "servers:capacity_app", env=service_env)  # fmt: skip
+            processes.append(service)
+            quotas = Path(tmp) / "quotas.yaml"
+            quotas.write_text(QUOTAS)
+            gateway = spawn(
+                server_core, sys.executable, "-m", "gateway.cli", "serve", "--config", str(quotas),
+                "--redis-url", redis.url, "--upstream", f"diffusion=http://127.0.0.1:{service_port}",
+                "--port", str(gateway_port),
+                env={"QUOTAGATE_KEY_SECRET": SECRET, "PYTHONPATH": str(ROOT)}, log=Path(tmp) / "gateway.log",
+            )  # fmt: skip
+            processes.append(gateway)
+            wait_answering(f"http://127.0.0.1:{service_port}/healthz", service)
+            wait_answering(f"http://127.0.0.1:{gateway_port}/healthz", gateway)
+            results = asyncio.run(simulate(args, f"http://127.0.0.1:{gateway_port}", redis.url, pinning))
+        finally:
+            for process in processes:
+                process.terminate()
+                process.wait(10)
+            redis.stop()
+    results["wall_s"] = time.perf_counter() - started
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "surge.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = table(results)
+    (RESULTS / "surge.md").write_text(text + "\n")
+    print(text)
+    try:
+        from plots import plot_surge
+    except ImportError:
+        print("matplotlib not installed: no surge.png (pip install '.[bench]')")
+    else:
+        plot_surge(results, RESULTS / "surge.png")
+    print(f"\n{results['wall_s']:.0f} s in all; results in {RESULTS}/surge.*")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
