@@ -45,7 +45,11 @@ def plot_surge(results: dict[str, Any], path: Path) -> None:
     latency.plot(seconds, [row["paid_p99_ms"] for row in series], label="paid p99 under the surge")
     latency.axhline(results["paid_p99_unloaded_ms"], color="grey", linestyle="--", label="paid p99 unloaded")
     latency.axhline(2 * results["paid_p99_unloaded_ms"], color="red", linestyle=":", label="2× unloaded")
-    latency.set(title="paid p99 latency", xlabel="seconds", ylabel="ms")
+    for edge in (results["baseline_s"], results["baseline_s"] + results["surge_s"]):
+        for ax in axes:
+            ax.axvline(edge, color="black", linewidth=0.6, alpha=0.5)
+    latency.set(title="paid p99 latency (surge between the black lines)", xlabel="seconds", ylabel="ms")
+    latency.set_yscale("log")
     latency.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -219,6 +219,7 @@ async def simulate(args: argparse.Namespace, gateway_url: str, redis_url: str, p
         await paid
     results = summarize(record, baseline_end, surge_end, args)
     results["pinning"] = pinning
+    results["baseline_s"] = baseline_end
     results["surge_s"] = surge_end - baseline_end
     return results
 
