@@ -8,24 +8,28 @@ from gateway.config import Plan
 from gateway.errors import ApiError, BadRequest, QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.headers import rate_limit_headers, retry_after
 from gateway.identity import Identity
-from limits import Bucket, Decision, Engine, LimitsError
+from gateway.storefailure import StoreGuard
+from limits import Bucket, Decision, LimitsError
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
 async def admit(
-    engine: Engine, identity: Identity, plan: Plan, cost: int, *, idempotency_key: str | None = None
-) -> Decision:
-    """The admitting decision; raises the ApiError to answer when the request is refused."""
+    store: StoreGuard, identity: Identity, plan: Plan, cost: int, *, idempotency_key: str | None = None
+) -> Decision | None:
+    """The admitting decision, or None if Redis could not decide and the plan fails open.
+
+    Raises the ApiError to answer when the request is refused.
+    """
     if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
         raise BadRequest("`Idempotency-Key` must be 1 to 128 printable ASCII characters.")
     try:
-        decision = await engine.decide(identity.account, plan.limits, cost, idempotency_key=idempotency_key)
-    except LimitsError as exc:
+        decision = await store.decide(identity.account, plan, cost, idempotency_key=idempotency_key)
+    except LimitsError as exc:  # the clocks of Redis and this replica disagree by over a day
         raise ServiceUnavailable(
             "The quota service is unavailable; retry shortly.", headers={"Retry-After": "1"}
         ) from exc
-    if not decision.allowed:
+    if decision is not None and not decision.allowed:
         raise refusal(plan, decision)
     return decision
 

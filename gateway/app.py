@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -11,6 +12,9 @@ from pathlib import Path
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -30,6 +34,7 @@ from gateway.proxy import proxy
 from gateway.reload import LiveConfig, reload_on_sighup
 from gateway.requestlog import logged
 from gateway.settings import Settings
+from gateway.storefailure import CircuitBreaker, LocalBudget, StoreGuard
 from limits import Engine, RedisClient, connect
 from limits.nearcache import DenialCache, follow_invalidations
 
@@ -49,6 +54,7 @@ class Services:
     metrics: GatewayMetrics
     peers: TrustedProxies
     auth_guard: FailedAuthGuard
+    store: StoreGuard
 
     @property
     def config(self) -> Config:
@@ -86,6 +92,10 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             auto_decompress=False,
         )
+        if isinstance(redis, Redis):
+            # A pooled connection that Redis closed (it restarted) fails once; try again at once on a
+            # fresh one, so the first calls after a restart do not fail nor reopen the circuit breaker.
+            redis.set_retry(Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
         if isinstance(redis, RedisCluster):
             # Learn the slot map before the first request: a cold cluster client that meets many
             # concurrent first commands can fail outside redis-py's error tree.
@@ -93,7 +103,10 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         near_cache = DenialCache()
         # A cluster client has no pub/sub here: without invalidations, identities are cached 1 s only.
         following = isinstance(redis, Redis)
-        keys = KeyStore(redis, settings.key_secret, cache_ttl=settings.key_cache_ttl if following else 1.0)
+        breaker = CircuitBreaker(on_change=lambda is_open: metrics.store_circuit_open.set(int(is_open)))
+        keys = KeyStore(
+            redis, settings.key_secret, cache_ttl=settings.key_cache_ttl if following else 1.0, breaker=breaker
+        )
         stop_following = asyncio.Event()
         follower = (
             asyncio.create_task(follow_invalidations(redis, stop_following, [near_cache, keys]))
@@ -114,6 +127,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             metrics=metrics,
             peers=TrustedProxies(settings.trusted_proxies),
             auth_guard=FailedAuthGuard(engine, settings.auth_failures_per_minute),
+            store=StoreGuard(engine, metrics, breaker, LocalBudget()),
         )
         try:
             with reload_on_sighup(live_config):
@@ -136,12 +150,21 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
 
     async def readyz(request: Request) -> Response:
         services: Services = request.app.state.services
+        breaker = services.store.breaker
+        version = services.config.version
+        if not breaker.allow():  # the breaker is open: no need to wait on Redis to know
+            body = {"status": "unavailable", "redis": "circuit open", "config_version": version}
+            return JSONResponse(body, status_code=503)
         try:
             await services.redis.ping()
         except RedisError as exc:
+            breaker.failed()
             services.metrics.redis_errors.labels("readyz").inc()
-            return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
-        return JSONResponse({"status": "ready", "config_version": services.config.version})
+            return JSONResponse(
+                {"status": "unavailable", "redis": str(exc), "config_version": version}, status_code=503
+            )
+        breaker.succeeded()  # a probe like any other: with no traffic, readiness checks close the breaker
+        return JSONResponse({"status": "ready", "config_version": version})
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(render(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -158,6 +181,8 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
 
 def app_from_env() -> Starlette:
     """uvicorn factory: the gateway configured by QUOTAGATE_* environment variables."""
+    # Until the lifespan takes SIGHUP to reload, one must not end this worker (the default).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = Settings.from_env()
     configure_logging(settings.log_format)
     return create_app(settings, load_config(settings.config_path))

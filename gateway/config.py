@@ -38,6 +38,8 @@ class Plan:
     name: str
     priority: int
     limits: LimitSet
+    # on_store_failure: open admits within this per-replica budget while Redis cannot decide; None: closed (503).
+    store_failure_budget: Bucket | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,8 +206,14 @@ class _Reader:
 
     def plan(self, node: yaml.Node, name: str, timezone: ZoneInfo) -> Plan:
         field = f"plans.{name}"
-        entries = self.mapping(node, field, required={"priority", "daily_images", "rate"}, optional={"shadow"})
+        entries = self.mapping(
+            node,
+            field,
+            required={"priority", "daily_images", "rate"},
+            optional={"shadow", "on_store_failure", "store_failure_budget"},
+        )
         priority = self.integer(entries["priority"], f"{field}.priority", minimum=0)
+        budget = self.store_failure(entries, field, name)
         shadow = self.shadow(entries["shadow"], f"{field}.shadow") if "shadow" in entries else set()
         bucket = self.rate(entries["rate"], f"{field}.rate", name)
         quota = self.daily(entries["daily_images"], f"{field}.daily_images", name, timezone)
@@ -213,7 +221,33 @@ class _Reader:
             buckets=(dataclasses.replace(bucket, shadow="rate" in shadow),),
             quotas=(dataclasses.replace(quota, shadow="daily_images" in shadow),),
         )
-        return Plan(name=name, priority=priority, limits=limits)
+        return Plan(name=name, priority=priority, limits=limits, store_failure_budget=budget)
+
+    def store_failure(self, entries: dict[str, yaml.Node], field: str, plan: str) -> Bucket | None:
+        """The fail-open budget if `on_store_failure: open`; None if closed (the default)."""
+        mode = (
+            self.string(entries["on_store_failure"], f"{field}.on_store_failure")
+            if "on_store_failure" in entries
+            else "closed"
+        )
+        if mode not in ("open", "closed"):
+            raise self.error(
+                entries["on_store_failure"], f"{field}.on_store_failure", f"expected open or closed, got {mode!r}"
+            )
+        budget = entries.get("store_failure_budget")
+        if mode == "closed":
+            if budget is not None:
+                raise self.error(budget, f"{field}.store_failure_budget", "only with on_store_failure: open")
+            return None
+        if budget is None:
+            raise self.error(
+                entries["on_store_failure"],
+                f"{field}.store_failure_budget",
+                "required with on_store_failure: open, e.g. {images: 30, per: minute, burst: 5}",
+            )
+        return dataclasses.replace(
+            self.rate(budget, f"{field}.store_failure_budget", plan), name=f"{plan}-store-failure"
+        )
 
     def shadow(self, node: yaml.Node, field: str) -> set[str]:
         """The limits of a plan in shadow mode: computed and counted, never enforced."""

@@ -15,12 +15,16 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
 from gateway.errors import ServiceUnavailable, Unauthorized
 from limits import RedisClient
 from limits.nearcache import INVALIDATIONS
+
+if TYPE_CHECKING:
+    from gateway.storefailure import CircuitBreaker
 
 _KEY = re.compile(r"^qg_([0-9a-f]{16})_([0-9a-f]{48})$")
 KEY_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -68,8 +72,15 @@ class KeyStore:
         cache_ttl: float = 1.0,
         cache_size: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self._redis = redis
+        self._breaker = breaker
+        # The last identity each key or account had, kept through clear() (a lost subscription),
+        # and answered only while Redis cannot be asked, so a plan that fails open still knows
+        # who is calling; forget() (a revocation, a plan change) drops it.
+        self._known: dict[str, tuple[str | None, Identity]] = {}
+        self._known_by_account: dict[str, set[str]] = {}
         self._secret = secret
         self._ttl = cache_ttl
         self._size = cache_size
@@ -162,6 +173,8 @@ class KeyStore:
         self._generation += 1
         for cache_key in self._by_account.pop(account, ()):
             self._cache.pop(cache_key, None)
+        for cache_key in self._known_by_account.pop(account, ()):
+            self._known.pop(cache_key, None)
 
     def clear(self) -> None:
         """Drop the whole cache (invalidations may have been missed)."""
@@ -177,18 +190,35 @@ class KeyStore:
         if cached and cached[0] > now:
             return cached[1], cached[2]
         generation = self._generation
+        if self._breaker is not None and not self._breaker.allow():
+            return self._last_known(cache_key, None)
         try:
             digest, identity = await lookup()
         except RedisError as exc:
-            raise ServiceUnavailable(
-                "The key store is unavailable; retry shortly.", headers={"Retry-After": "1"}
-            ) from exc
+            if self._breaker is not None:
+                self._breaker.failed()
+            return self._last_known(cache_key, exc)
+        if self._breaker is not None:
+            self._breaker.succeeded()
         if generation == self._generation:
             if len(self._cache) >= self._size:
                 self._evict_oldest()
             self._cache[cache_key] = (now + self._ttl, digest, identity)
             self._by_account.setdefault(identity.account, set()).add(cache_key)
+            if len(self._known) >= self._size:
+                self._known.pop(next(iter(self._known)))  # its index entry goes stale: harmless
+            self._known[cache_key] = (digest, identity)
+            self._known_by_account.setdefault(identity.account, set()).add(cache_key)
         return digest, identity
+
+    def _last_known(self, cache_key: str, cause: RedisError | None) -> tuple[str | None, Identity]:
+        """While Redis cannot be asked: the identity last seen for `cache_key`, else 503."""
+        known = self._known.get(cache_key)
+        if known is None:
+            raise ServiceUnavailable(
+                "The key store is unavailable; retry shortly.", headers={"Retry-After": "1"}
+            ) from cause
+        return known
 
     def _evict_oldest(self) -> None:
         cache_key, (_, _, identity) = next(iter(self._cache.items()))

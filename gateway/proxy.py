@@ -64,23 +64,25 @@ async def proxy(request: Request) -> Response:
         idempotency_key = request.headers.get("idempotency-key")
         started = time.perf_counter()
         try:
-            decision = await admit(services.engine, identity, plan, cost, idempotency_key=idempotency_key)
+            decision = await admit(services.store, identity, plan, cost, idempotency_key=idempotency_key)
         finally:  # refusals are decisions too
             record.decision_ms = since_ms(started)
             services.metrics.decision_seconds.observe(record.decision_ms / 1000)
     except ApiError as exc:
         record.outcome = _outcome(exc)
         services.metrics.requests.labels(plan_label, route.path, record.outcome).inc()
-        if isinstance(exc.__cause__, RedisError | LimitsError):
-            services.metrics.redis_errors.labels("authenticate" if plan_label == NO_PLAN else "decide").inc()
+        if plan_label == NO_PLAN and isinstance(exc.__cause__, RedisError | LimitsError):
+            services.metrics.redis_errors.labels("authenticate").inc()  # the store guard counts decide's
         return error_response(exc)
-    if not decision.replayed:
+    # decision None: admitted while Redis could not decide (on_store_failure: open); nothing charged.
+    if decision is not None and not decision.replayed:
         services.metrics.images_charged.labels(plan.name).inc(cost)
-    if plan.limits.shadow_arg:  # the plan has limits in shadow mode: count what they would have done
+    if decision is not None and plan.limits.shadow_arg:  # limits in shadow mode: count what they would do
         services.metrics.shadow_requests.labels(plan.name, route.path, _shadow_outcome(decision)).inc()
 
     request_id = record.request_id
-    answer_headers = {**rate_limit_headers(plan.limits, decision), "X-Request-Id": request_id}
+    limit_headers = rate_limit_headers(plan.limits, decision) if decision is not None else {}
+    answer_headers = {**limit_headers, "X-Request-Id": request_id}
     forwarded = upstream_headers(
         request.headers,
         {
@@ -118,12 +120,11 @@ async def proxy(request: Request) -> Response:
     return Response(upstream.body, upstream.status, headers={**upstream.headers, **answer_headers})
 
 
-async def _refund(services: Services, identity: Identity, plan: Plan, decision: Decision) -> None:
-    try:
-        await services.engine.refund(identity.account, plan.limits, decision)
-    except LimitsError:
-        services.metrics.redis_errors.labels("refund").inc()
-        log.exception("refund of %d images failed for plan %s", decision.cost, plan.name)
+async def _refund(services: Services, identity: Identity, plan: Plan, decision: Decision | None) -> None:
+    if decision is None:  # admitted without Redis: nothing was charged
+        return
+    if not await services.store.refund(identity.account, plan, decision):
+        log.error("refund of %d images failed for plan %s: redis unavailable", decision.cost, plan.name)
         return
     services.metrics.images_refunded.labels(plan.name).inc(decision.cost)
 

@@ -7,6 +7,7 @@ and a bad file is refused without restarting anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -16,11 +17,13 @@ from uvicorn.supervisors import Multiprocess
 
 class _ReloadingSupervisor(Multiprocess):
     def handle_hup(self) -> None:
-        # Only to workers that have started: one still starting would die of the signal (its
-        # handler is not in place yet), and it reads the file afresh as it starts anyway.
+        # A worker ignores SIGHUP from the moment it builds the app, re-reads the file once its
+        # handler is in place, and reloads on every SIGHUP after that. One caught earlier still,
+        # before it serves anything, dies of it and is started again by uvicorn, on the new file.
         for process in self.processes:
-            if process.pid is not None and process.is_ready(timeout=1):
-                os.kill(process.pid, signal.SIGHUP)
+            if process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGHUP)
 
 
 # uvicorn's own X-Forwarded-For rewriting is off: the gateway believes it only from
