@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -164,7 +165,8 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
                 {"status": "unavailable", "redis": str(exc), "config_version": version}, status_code=503
             )
         breaker.succeeded()  # a probe like any other: with no traffic, readiness checks close the breaker
-        return JSONResponse({"status": "ready", "config_version": version})
+        # The worker's pid tells ops (and tests) which of several uvicorn workers answered.
+        return JSONResponse({"status": "ready", "config_version": version, "worker": os.getpid()})
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(render(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -55,7 +55,7 @@ def gateway_processes(
             gateways.append(_spawn(config, redis_url, upstream_url, log_dir, workers, env))
         deadline = time.monotonic() + START_TIMEOUT
         for gateway in gateways:
-            _wait_ready(gateway, deadline)
+            _wait_ready(gateway, deadline, workers)
         yield gateways
     finally:
         for gateway in gateways:
@@ -86,13 +86,17 @@ def _spawn(
     return GatewayProcess(process, f"http://127.0.0.1:{port}", log)
 
 
-def _wait_ready(gateway: GatewayProcess, deadline: float) -> None:
-    while True:
+def _wait_ready(gateway: GatewayProcess, deadline: float, workers: int) -> None:
+    """Wait until each of the gateway's `workers` processes has answered /readyz on a fresh connection."""
+    seen: set[int] = set()
+    while len(seen) < workers:
         assert gateway.process.poll() is None, f"the gateway exited: {gateway.logged()}"
         assert time.monotonic() < deadline, f"the gateway was not ready in {START_TIMEOUT:.0f}s: {gateway.logged()}"
         try:
-            if httpx.get(f"{gateway.url}/readyz", timeout=1).status_code == 200:
-                return
+            answer = httpx.get(f"{gateway.url}/readyz", timeout=1)
+            if answer.status_code == 200:
+                seen.add(answer.json()["worker"])
         except httpx.TransportError:
             pass
-        time.sleep(0.05)
+        if len(seen) < workers:
+            time.sleep(0.05)

@@ -44,7 +44,7 @@ async def test_each_request_is_one_json_line_without_the_key_or_the_prompt(
     with serve(tmp_path, redis_url, upstream.url) as served:
         assert _send(served.url, free_key, 2, "req-allowed").status_code == 200
         assert _send(served.url, free_key, 2, "req-refused").status_code == 429  # 1 of 3 images left
-        assert _send(served.url, free_key[:-1] + "0", 1, "req-badkey").status_code == 401
+        assert _send(served.url, _wrong_secret(free_key), 1, "req-badkey").status_code == 401
         upstream.status = 500
         answer = _send(served.url, free_key, 1, "req-failed")
         assert answer.status_code == 500 and answer.headers["X-Request-Id"] == "req-failed"
@@ -131,3 +131,8 @@ async def test_prompts_are_logged_only_when_the_operator_asks(
     without, with_prompt = (JsonFormatter().format(record) for record in request_lines)
     assert PROMPT not in without
     assert json.loads(with_prompt)["prompt"] == PROMPT
+
+
+def _wrong_secret(key: str) -> str:
+    """`key` with the last character of its secret changed."""
+    return key[:-1] + ("1" if key.endswith("0") else "0")
