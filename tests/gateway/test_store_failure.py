@@ -14,14 +14,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from gateway.config import parse_config
 from gateway.embedded_redis import RedisServer
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, ServiceUnavailable, Unauthorized
 from gateway.identity import KeyStore
-from gateway.storefailure import CircuitBreaker, LocalBudget
-from limits import Bucket
+from gateway.metrics import GatewayMetrics
+from gateway.storefailure import CircuitBreaker, LocalBudget, StoreGuard
+from limits import Bucket, Engine
 from tests.ports import free_port
 
 from .conftest import QUOTAS, SECRET, StubUpstream
@@ -94,6 +96,46 @@ def test_the_local_budget_is_a_token_bucket_per_plan() -> None:
     assert budget.take("pro", bucket, 4) == math.inf
     clock.now += 1200.0
     assert budget.take("pro", bucket, 1) == 0.0
+
+
+async def test_while_redis_is_away_a_replica_knows_the_identities_it_saw_until_told_otherwise(
+    redis_client: Redis,
+) -> None:
+    breaker = CircuitBreaker(failures=1, clock=Clock())
+    store = KeyStore(redis_client, SECRET, breaker=breaker)
+    key, other = await store.create_key("ann", "pro"), await store.create_key("bo", "pro")
+    identity = await store.authenticate(key)
+    store.clear()  # the invalidation subscription was lost: the cache goes...
+    breaker.failed()  # ...and Redis cannot be asked
+
+    assert await store.authenticate(key) == identity  # the last identity seen for this key
+    with pytest.raises(Unauthorized):
+        await store.authenticate(key[:-1] + ("1" if key.endswith("0") else "0"))  # its secret is still checked
+    with pytest.raises(ServiceUnavailable):
+        await store.authenticate(other)  # never seen here
+    store.forget("ann")  # a revocation or plan change this replica heard of
+    with pytest.raises(ServiceUnavailable):
+        await store.authenticate(key)
+
+
+async def test_with_the_breaker_open_nothing_waits_on_redis_and_refunds_are_given_up(redis_client: Redis) -> None:
+    clock, registry = Clock(), CollectorRegistry()
+    config = parse_config(PRO_OPEN, source="q.yaml")
+    metrics = GatewayMetrics(registry)
+    breaker = CircuitBreaker(failures=1, open_for=2.0, clock=clock)
+    guard = StoreGuard(Engine(redis_client), metrics, breaker, LocalBudget(clock=clock))
+    admitted = await guard.decide("ann", config.plans["free"], 1)
+    assert admitted is not None and admitted.allowed
+    breaker.failed()
+    clock.now += 0.5
+
+    with pytest.raises(ServiceUnavailable) as refused:
+        await guard.decide("ann", config.plans["free"], 1)
+    assert refused.value.headers["Retry-After"] == "2"  # when the breaker lets a probe through
+    assert await guard.decide("ann", config.plans["pro"], 1) is None  # admitted without Redis
+    assert await guard.refund("ann", config.plans["free"], admitted) is False
+    assert registry.get_sample_value("quotagate_redis_errors_total", {"operation": "refund"}) == 1
+    assert (await Engine(redis_client).peek("ann", config.plans["free"].limits)).states[1].remaining == 99
 
 
 def test_on_store_failure_in_the_quota_file() -> None:
@@ -195,3 +237,32 @@ async def test_redis_killed_and_restarted_under_both_failure_modes(
                 assert (await client.get(f"{gateway.url}/readyz")).status_code == 200
                 assert gateway.metric("quotagate_store_circuit_open") == 0
                 assert (await _generate(client, gateway, keys["pro"])).status_code == 200
+
+
+async def test_a_hung_redis_costs_requests_a_timeout_at_most_then_the_breaker_answers(
+    own_redis: RedisServer, upstream: StubUpstream, tmp_path: Path
+) -> None:
+    quota_file = tmp_path / "quotas.yaml"
+    quota_file.write_text(PRO_OPEN)
+    redis = Redis.from_url(own_redis.url)
+    keys = {plan: await KeyStore(redis, SECRET).create_key(f"acct-{plan}", plan) for plan in ("free", "pro")}
+    await redis.aclose()
+
+    with gateway_processes(1, quota_file, own_redis.url, upstream.url, tmp_path) as (gateway,):
+        async with httpx.AsyncClient(timeout=ANSWER_WITHIN) as client:
+            for key in keys.values():
+                assert (await _generate(client, gateway, key)).status_code == 200
+            own_redis.pause()  # connections stay up; nothing answers
+            try:
+                # Each answered (a hang would time the client out), closed refused, open admitted.
+                closed = [(await _generate(client, gateway, keys["free"])).status_code for _ in range(6)]
+                opened = [(await _generate(client, gateway, keys["pro"])).status_code for _ in range(3)]
+                assert closed == [503] * 6 and opened == [200] * 3, gateway.logged()
+                assert gateway.metric("quotagate_store_circuit_open") == 1
+                assert (await client.get(f"{gateway.url}/readyz")).status_code == 503
+            finally:
+                own_redis.resume()
+            deadline = time.monotonic() + RECOVER_WITHIN
+            while (await _generate(client, gateway, keys["free"])).status_code != 200:
+                assert time.monotonic() < deadline, gateway.logged()
+                await asyncio.sleep(0.1)
