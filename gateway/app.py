@@ -35,6 +35,7 @@ from gateway.proxy import proxy
 from gateway.reload import LiveConfig, reload_on_sighup
 from gateway.requestlog import logged
 from gateway.settings import Settings
+from gateway.shedding import Shedder
 from gateway.storefailure import CircuitBreaker, LocalBudget, StoreGuard
 from limits import Engine, RedisClient, connect
 from limits.nearcache import DenialCache, follow_invalidations
@@ -56,6 +57,7 @@ class Services:
     peers: TrustedProxies
     auth_guard: FailedAuthGuard
     store: StoreGuard
+    shedder: Shedder
 
     @property
     def config(self) -> Config:
@@ -115,6 +117,9 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             else None
         )
         engine = Engine(redis, near_cache=near_cache)
+        forwarder = Forwarder(session, settings.upstreams)
+        for pool in settings.upstreams:
+            metrics.upstream_healthy.labels(pool).set(forwarder.healthy(pool))
         stop_watching = asyncio.Event()
         interval = settings.config_poll_interval
         watcher = asyncio.create_task(live_config.watch(stop_watching, every=interval)) if interval > 0 else None
@@ -124,11 +129,12 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             redis=redis,
             engine=engine,
             keys=keys,
-            forwarder=Forwarder(session, settings.upstreams),
+            forwarder=forwarder,
             metrics=metrics,
             peers=TrustedProxies(settings.trusted_proxies),
             auth_guard=FailedAuthGuard(engine, settings.auth_failures_per_minute),
             store=StoreGuard(engine, metrics, breaker, LocalBudget()),
+            shedder=Shedder(),
         )
         try:
             with reload_on_sighup(live_config):

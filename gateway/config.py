@@ -52,6 +52,24 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolPolicy:
+    """How this gateway process treats one upstream pool (`pools:` in the YAML; defaults below).
+
+    At most `max_in_flight` requests at once; plans of the lowest priority may use only the share
+    `1 - reserved_for_paid` of them, so paid plans keep the rest (gateway/shedding.py). An upstream
+    that fails `eject_after` times in a row is set aside for `eject_for` seconds (gateway/forward.py).
+    """
+
+    max_in_flight: int = 256
+    reserved_for_paid: float = 0.25
+    eject_after: int = 3
+    eject_for: float = 10.0
+
+
+DEFAULT_POOL = PoolPolicy()
+
+
+@dataclass(frozen=True, slots=True)
 class Override:
     """A plan's limits replaced until `until` (an aware instant), for `reason`."""
 
@@ -70,6 +88,11 @@ class Config:
     plans: Mapping[str, Plan]
     routes: Mapping[str, Route]  # by path
     overrides: Mapping[str, Override] = field(default_factory=lambda: MappingProxyType({}))  # by plan name
+    pools: Mapping[str, PoolPolicy] = field(default_factory=lambda: MappingProxyType({}))  # by upstream pool name
+
+    def pool(self, name: str) -> PoolPolicy:
+        """The policy of the upstream pool `name` (the defaults if the file names none)."""
+        return self.pools.get(name, DEFAULT_POOL)
 
     def plan_at(self, name: str, now: float) -> Plan | None:
         """The plan `name` as it applies at `now` (seconds since the epoch), its override included."""
@@ -106,7 +129,7 @@ def parse_config(text: str, *, source: str) -> Config:
     reader = _Reader(source)
     if root is None:
         raise ConfigError(f"{source}:1: (file): empty; expected `plans` and `routes`")
-    top = reader.mapping(root, "(file)", required={"plans", "routes"}, optional={"timezone", "overrides"})
+    top = reader.mapping(root, "(file)", required={"plans", "routes"}, optional={"timezone", "overrides", "pools"})
     timezone = reader.timezone(top["timezone"], "timezone") if "timezone" in top else ZoneInfo("UTC")
     plans = {
         name: reader.plan(node, name, timezone) for name, node in reader.named_mapping(top["plans"], "plans").items()
@@ -124,6 +147,14 @@ def parse_config(text: str, *, source: str) -> Config:
         if name in overrides:
             raise reader.error(node, f"overrides[{i}].plan", f"{name} has two overrides; keep one per plan")
         overrides[name] = override
+    pools: dict[str, PoolPolicy] = {}
+    for name, node in reader.named_mapping(top["pools"], "pools").items() if "pools" in top else ():
+        upstreams = sorted({route.upstream for route in routes.values()})
+        if name not in upstreams:
+            raise reader.error(
+                node, f"pools.{name}", f"no route forwards to it; routes forward to: {', '.join(upstreams)}"
+            )
+        pools[name] = reader.pool(node, f"pools.{name}")
     return Config(
         source=source,
         version=hashlib.sha256(text.encode()).hexdigest()[:12],
@@ -131,6 +162,7 @@ def parse_config(text: str, *, source: str) -> Config:
         plans=MappingProxyType(plans),
         routes=MappingProxyType(routes),
         overrides=MappingProxyType(overrides),
+        pools=MappingProxyType(pools),
     )
 
 
@@ -320,6 +352,30 @@ class _Reader:
                 node, field, f"{value.isoformat()} has no UTC offset; write it like 2026-11-24T00:00:00+01:00 or ...Z"
             )
         return value
+
+    def number(self, node: yaml.Node, field: str, *, minimum: float, maximum: float | None = None) -> float:
+        value = self.scalar(node)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(node, field, f"expected a number, got {_show(value)}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+            raise self.error(node, field, f"must be {bounds}, got {value}")
+        return float(value)
+
+    def pool(self, node: yaml.Node, field: str) -> PoolPolicy:
+        keys = {"max_in_flight", "reserved_for_paid", "eject_after", "eject_for"}
+        entries = self.mapping(node, field, required=set(), optional=keys)
+        values: dict[str, Any] = {}
+        if "max_in_flight" in entries:
+            values["max_in_flight"] = self.integer(entries["max_in_flight"], f"{field}.max_in_flight", minimum=1)
+        if "reserved_for_paid" in entries:
+            node = entries["reserved_for_paid"]
+            values["reserved_for_paid"] = self.number(node, f"{field}.reserved_for_paid", minimum=0, maximum=1)
+        if "eject_after" in entries:
+            values["eject_after"] = self.integer(entries["eject_after"], f"{field}.eject_after", minimum=1)
+        if "eject_for" in entries:
+            values["eject_for"] = self.number(entries["eject_for"], f"{field}.eject_for", minimum=0)
+        return PoolPolicy(**values)
 
     def route(self, node: yaml.Node, field: str) -> Route:
         entries = self.mapping(node, field, required={"path", "upstream", "cost"})

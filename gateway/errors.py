@@ -11,6 +11,7 @@ ApiError                     an answer to the client, with an OpenAI-shaped JSON
  ├── RateLimited             429 rate_limit_exceeded: a token bucket is empty
  ├── BadGateway              502 upstream_error: the backend failed or could not be reached
  └── ServiceUnavailable      503 service_unavailable: the quota store is down, or overload
+      └── Overloaded          503 overloaded: shed by the gateway, lowest priority first
 limits.LimitsError           raised by the engine; answered as ServiceUnavailable
 """
 
@@ -74,6 +75,10 @@ class BadGateway(ApiError):
 
 class ServiceUnavailable(ApiError):
     status, type, code = 503, "server_error", "service_unavailable"
+
+
+class Overloaded(ServiceUnavailable):
+    code = "overloaded"
 
 
 def error_response(exc: ApiError, extra_headers: Mapping[str, str] | None = None) -> Response:

@@ -29,6 +29,7 @@ OUTCOMES = (
     "store_unavailable",
     "upstream_error",
     "refunded",
+    "client_gone",
 )
 # Requests refused before their plan is known are counted under this plan label.
 NO_PLAN = "none"

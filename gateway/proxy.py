@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -11,7 +12,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.admission import admit
-from gateway.config import Plan
 from gateway.cost import request_cost
 from gateway.errors import (
     ApiError,
@@ -19,6 +19,7 @@ from gateway.errors import (
     BadRequest,
     Forbidden,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     QuotaExceeded,
     RateLimited,
@@ -27,14 +28,17 @@ from gateway.errors import (
     error_response,
 )
 from gateway.forward import upstream_headers
-from gateway.headers import rate_limit_headers
 from gateway.identity import Identity
 from gateway.metrics import NO_PLAN
+from gateway.relay import Charge, Relay
 from gateway.requestlog import RequestRecord, prompt_of, since_ms
 from limits import DailyQuota, Decision, LimitsError
 
 if TYPE_CHECKING:
     from gateway.app import Services
+
+# The status nginx logs for "the client closed the connection before the answer"; no one reads it.
+CLIENT_CLOSED = 499
 
 log = logging.getLogger("quotagate.proxy")
 
@@ -61,6 +65,9 @@ async def proxy(request: Request) -> Response:
         if services.settings.log_prompts:
             record.prompt = prompt_of(body)
         record.cost = cost = request_cost(route, body)
+        # Shed before the decision, so a shed request costs no quota.
+        lowest = plan.priority <= min(p.priority for p in config.plans.values())
+        services.shedder.check(route.upstream, config.pool(route.upstream), lowest_priority=lowest)
         idempotency_key = request.headers.get("idempotency-key")
         started = time.perf_counter()
         try:
@@ -80,13 +87,13 @@ async def proxy(request: Request) -> Response:
     if decision is not None and plan.limits.shadow_arg:  # limits in shadow mode: count what they would do
         services.metrics.shadow_requests.labels(plan.name, route.path, _shadow_outcome(decision)).inc()
 
-    request_id = record.request_id
-    limit_headers = rate_limit_headers(plan.limits, decision) if decision is not None else {}
-    answer_headers = {**limit_headers, "X-Request-Id": request_id}
+    slot = services.shedder.take(route.upstream)
+    services.metrics.upstream_in_flight.labels(route.upstream).set(services.shedder.in_flight(route.upstream))
+    charge = Charge(services, route.path, identity, plan, decision, record, slot)
     forwarded = upstream_headers(
         request.headers,
         {
-            "X-Request-Id": request_id,
+            "X-Request-Id": record.request_id,
             "X-Forwarded-For": _forwarded_for(request),
             "X-Quotagate-Priority": str(plan.priority),
             "X-Quotagate-Plan": plan.name,
@@ -95,38 +102,44 @@ async def proxy(request: Request) -> Response:
         drop=(services.settings.account_header,),
     )
     path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    gone = asyncio.ensure_future(_client_gone(request))
+    opening = asyncio.ensure_future(
+        services.forwarder.open(route.upstream, config.pool(route.upstream), request.method, path_qs, forwarded, body)
+    )
     started = time.perf_counter()
     try:
-        upstream = await services.forwarder.send(route.upstream, request.method, path_qs, forwarded, body)
-    except BadGateway as exc:
-        await _refund(services, identity, plan, decision)
-        record.outcome = "upstream_error"
-        services.metrics.requests.labels(plan.name, route.path, "upstream_error").inc()
-        return error_response(exc, answer_headers)
+        await asyncio.wait({opening, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        opening.cancel()
+        gone.cancel()
+        await charge.end("client_gone", refund=True)
+        raise
     finally:
         services.metrics.upstream_seconds.labels(route.path).observe(time.perf_counter() - started)
         record.upstream_ms = since_ms(started)
-    record.upstream_status = upstream.status
-
-    if 200 <= upstream.status < 300:
+    if not opening.done():  # the client went away before the answer came
+        opening.cancel()
+        await asyncio.wait([opening])
+        if not opening.cancelled() and opening.exception() is None:
+            opening.result().finish()
+        await charge.end("client_gone", refund=True)
+        return Response(status_code=CLIENT_CLOSED)
+    try:
+        answer = opening.result()
+    except BadGateway as exc:
+        gone.cancel()
+        await charge.end("upstream_error", refund=True)
+        return error_response(exc, charge.headers)
+    record.upstream_status = answer.status
+    if 200 <= answer.status < 300:
         outcome = "allowed"
     else:
         # No image came back, so none is charged: 5xx, the backend's 503 (passed on with its
         # Retry-After) and its 4xx alike.
-        await _refund(services, identity, plan, decision)
-        outcome = "upstream_error" if upstream.status >= 500 else "refunded"
+        await charge.refund()
+        outcome = "upstream_error" if answer.status >= 500 else "refunded"
     record.outcome = outcome
-    services.metrics.requests.labels(plan.name, route.path, outcome).inc()
-    return Response(upstream.body, upstream.status, headers={**upstream.headers, **answer_headers})
-
-
-async def _refund(services: Services, identity: Identity, plan: Plan, decision: Decision | None) -> None:
-    if decision is None:  # admitted without Redis: nothing was charged
-        return
-    if not await services.store.refund(identity.account, plan, decision):
-        log.error("refund of %d images failed for plan %s: redis unavailable", decision.cost, plan.name)
-        return
-    services.metrics.images_refunded.labels(plan.name).inc(decision.cost)
+    return Relay(answer, charge, gone, outcome)
 
 
 async def _identify(request: Request, services: Services, address: str) -> Identity:
@@ -178,8 +191,16 @@ def _forwarded_for(request: Request) -> str:
     return f"{prior}, {client}" if prior else client
 
 
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (the body has been read: nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _outcome(exc: ApiError) -> str:
     match exc:
+        case Overloaded():
+            return "shed"
         case QuotaExceeded():
             return "quota_exhausted"
         case RateLimited():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config, parse_config
+from gateway.config import PoolPolicy, load_config, parse_config
 from gateway.errors import ConfigError
 from limits import Bucket
 
@@ -28,6 +28,14 @@ def test_rates_become_buckets_of_the_stated_period() -> None:
     assert bucket.interval_us == 1_000_000
 
 
+def test_pools_take_their_policy_and_others_the_defaults() -> None:
+    config = parse_config(
+        QUOTAS + "pools:\n  diffusion: {max_in_flight: 8, reserved_for_paid: 0.5, eject_for: 2.5}\n", source="q"
+    )
+    assert config.pool("diffusion") == PoolPolicy(max_in_flight=8, reserved_for_paid=0.5, eject_after=3, eject_for=2.5)
+    assert parse_config(QUOTAS, source="q").pool("diffusion") == PoolPolicy()
+
+
 def test_version_changes_with_the_text() -> None:
     assert parse_config(QUOTAS, source="q").version != parse_config(QUOTAS + "\n# edited\n", source="q").version
 
@@ -35,9 +43,26 @@ def test_version_changes_with_the_text() -> None:
 BAD = {
     "not yaml": ("plans: [\n", "q.yaml:2: (file): not valid YAML: expected the node content, but found '<stream end>'"),
     "empty": ("", "q.yaml:1: (file): empty; expected `plans` and `routes`"),
+    "pool for no route": (
+        QUOTAS + "pools:\n  difusion: {max_in_flight: 8}\n",
+        "q.yaml:16: pools.difusion: no route forwards to it; routes forward to: diffusion",
+    ),
+    "pool share over one": (
+        QUOTAS + "pools:\n  diffusion: {reserved_for_paid: 1.5}\n",
+        "q.yaml:16: pools.diffusion.reserved_for_paid: must be from 0 to 1, got 1.5",
+    ),
+    "pool bound zero": (
+        QUOTAS + "pools:\n  diffusion: {max_in_flight: 0}\n",
+        "q.yaml:16: pools.diffusion.max_in_flight: must be at least 1, got 0",
+    ),
+    "unknown pool key": (
+        QUOTAS + "pools:\n  diffusion: {max_inflight: 8}\n",
+        "q.yaml:16: pools.diffusion.max_inflight: unknown key; "
+        "expected one of: eject_after, eject_for, max_in_flight, reserved_for_paid",
+    ),
     "unknown top key": (
         QUOTAS + "limits: {}\n",
-        "q.yaml:15: limits: unknown key; expected one of: overrides, plans, routes, timezone",
+        "q.yaml:15: limits: unknown key; expected one of: overrides, plans, pools, routes, timezone",
     ),
     "unknown plan key": (
         QUOTAS.replace("    priority: 0\n", "    priority: 0\n    colour: blue\n"),

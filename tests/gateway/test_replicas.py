@@ -20,9 +20,9 @@ import redis
 
 from gateway.embedded_redis import RedisServer
 from limits.nearcache import INVALIDATIONS
-from tests.ports import free_port
 
 from .conftest import QUOTAS, SECRET, StubUpstream
+from .serve import gateway_processes
 
 BIN = Path(sys.executable).parent
 PATH = "/v1/images/generations"
@@ -42,39 +42,19 @@ def admin_env(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="module")
-def gateways(admin_env: dict[str, str], _stub_server: StubUpstream) -> Iterator[list[str]]:
+def gateways(
+    admin_env: dict[str, str], _stub_server: StubUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[str]]:
     """Two gateway processes, each ready and following invalidations (the Redis is flushed per test)."""
-    redis_url = admin_env["QUOTAGATE_REDIS_URL"]
-    env = {**admin_env, "QUOTAGATE_UPSTREAMS": f"diffusion={_stub_server.url}", "QUOTAGATE_KEY_CACHE_TTL": "3600"}
-    ports = [free_port(), free_port()]
-    processes = [
-        subprocess.Popen([BIN / "quotagate", "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE)
-        for port in ports
-    ]
-    try:
-        urls = [f"http://127.0.0.1:{port}" for port in ports]
-        deadline = time.monotonic() + 60
+    redis_url, config = admin_env["QUOTAGATE_REDIS_URL"], Path(admin_env["QUOTAGATE_CONFIG"])
+    logs = tmp_path_factory.mktemp("replica-logs")
+    with gateway_processes(2, config, redis_url, _stub_server.url, logs, QUOTAGATE_KEY_CACHE_TTL="3600") as running:
+        deadline = time.monotonic() + HANG
         with redis.Redis.from_url(redis_url) as client:
-            while not (_ready(urls) and client.pubsub_numsub(INVALIDATIONS)[0][1] == 2):
-                assert time.monotonic() < deadline and all(p.poll() is None for p in processes), (
-                    "gateways did not start"
-                )
-                time.sleep(0.05)
-        yield urls
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(15)
-            if process.stderr is not None:
-                process.stderr.close()
-
-
-def _ready(urls: list[str]) -> bool:
-    try:
-        return all(httpx.get(f"{url}/readyz").status_code == 200 for url in urls)
-    except httpx.TransportError:
-        return False
+            while client.pubsub_numsub(INVALIDATIONS)[0][1] != 2:
+                assert time.monotonic() < deadline, "the gateways never subscribed"
+                time.sleep(0.02)
+        yield [gateway.url for gateway in running]
 
 
 def _admin(env: dict[str, str], *args: str) -> dict[str, str]:

@@ -1,0 +1,218 @@
+"""Upstream pools: passive health, streamed answers, and refunds when a backend dies or a client leaves."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from types import MappingProxyType
+
+import aiohttp
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+from starlette.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.config import PoolPolicy, parse_config
+from gateway.errors import BadGateway
+from gateway.forward import Forwarder
+from gateway.identity import KeyStore
+from tests.ports import free_port
+
+from .conftest import QUOTAS, SECRET, StubUpstream, serve_in_thread, settings_for
+
+pytestmark = pytest.mark.anyio
+
+PATH = "/v1/images/generations"
+DEAD = "http://127.0.0.1:9"  # nothing listens on the discard port
+HANG = 10.0  # seconds; a bound on a hang, not a timing assertion
+
+
+def _app(redis_url: str, urls: tuple[str, ...], registry: CollectorRegistry, pools: str = "") -> object:
+    config = parse_config(QUOTAS + pools, source="quotas.yaml")
+    settings = settings_for(redis_url, urls[0], upstreams=MappingProxyType({"diffusion": urls}))
+    return create_app(settings, config, registry=registry)
+
+
+def _refunded(registry: CollectorRegistry, plan: str = "free") -> float:
+    return registry.get_sample_value("quotagate_images_refunded_total", {"plan": plan}) or 0.0
+
+
+def _until(check, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + HANG
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+@pytest.fixture
+async def free_key(redis_client: Redis) -> str:
+    return await KeyStore(redis_client, SECRET).create_key("ann", "free")
+
+
+def _post(client: TestClient | httpx.Client, key: str, n: int = 1) -> httpx.Response:
+    return client.post(PATH, json={"prompt": "x", "n": n}, headers={"Authorization": f"Bearer {key}"})
+
+
+async def test_a_failing_upstream_is_set_aside_and_the_pool_keeps_serving(
+    redis_url: str, upstream: StubUpstream, free_key: str
+) -> None:
+    registry = CollectorRegistry()
+    app = _app(redis_url, (DEAD, upstream.url), registry, "pools:\n  diffusion: {eject_after: 1, eject_for: 3600}\n")
+    with TestClient(app) as client:  # type: ignore[arg-type]
+        # Both idle: the first in the list is picked, and it refuses the connection.
+        first = _post(client, free_key)
+        assert first.status_code == 502 and first.json()["error"]["code"] == "upstream_error"
+        # Set aside now: every later request goes to the live one (without health, all would go to DEAD).
+        assert [_post(client, free_key).status_code for _ in range(3)] == [200, 200, 200]
+    assert _refunded(registry) == 1
+    assert len(upstream.seen) == 3
+    assert registry.get_sample_value("quotagate_upstream_healthy_backends", {"pool": "diffusion"}) == 1
+
+
+async def test_upstreams_come_back_after_eject_for_and_5xx_counts_but_503_does_not() -> None:
+    now = [0.0]
+    policy = PoolPolicy(eject_after=2, eject_for=10)
+    with (
+        serve_in_thread(StubUpstream(status=500).app()) as broken,
+        serve_in_thread(StubUpstream(status=503).app()) as busy,
+    ):
+        async with aiohttp.ClientSession() as session:
+            forwarder = Forwarder(session, {"p": (broken, busy)}, clock=lambda: now[0])
+
+            async def once() -> str:
+                answer = await forwarder.open("p", policy, "POST", PATH, {}, b"{}")
+                answer.finish()
+                return answer.upstream.url
+
+            assert await once() == broken  # 500: one failure
+            assert await once() == broken  # 500: two in a row, set aside
+            assert forwarder.healthy("p") == 1
+            assert {await once() for _ in range(4)} == {busy}  # 503s are passed on, never held against it
+            assert forwarder.healthy("p") == 1
+            now[0] += 10
+            assert forwarder.healthy("p") == 2 and await once() == broken  # back in the pool
+
+            # Every upstream set aside: they are all tried again rather than none.
+            forwarder = Forwarder(session, {"p": (DEAD,)}, clock=lambda: now[0])
+            for _ in range(2):
+                with pytest.raises(BadGateway):
+                    await forwarder.open("p", policy, "POST", PATH, {}, b"{}")
+            assert forwarder.healthy("p") == 0
+            with pytest.raises(BadGateway):
+                await forwarder.open("p", policy, "POST", PATH, {}, b"{}")
+
+
+@contextmanager
+def _gateway(redis_url: str, urls: tuple[str, ...], registry: CollectorRegistry) -> Iterator[str]:
+    with serve_in_thread(_app(redis_url, urls, registry), lifespan="on") as url:  # type: ignore[arg-type]
+        yield url
+
+
+async def test_answers_are_streamed_to_the_client_as_they_arrive(
+    redis_url: str, upstream: StubUpstream, free_key: str
+) -> None:
+    upstream.gate, upstream.split = threading.Event(), True
+    registry = CollectorRegistry()
+    with _gateway(redis_url, (upstream.url,), registry) as url:
+        headers = {"Authorization": f"Bearer {free_key}"}
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=HANG) as client,
+            client.stream("POST", PATH, json={"prompt": "x"}, headers=headers) as answer,
+        ):
+            assert answer.status_code == 200
+            assert answer.headers["x-ratelimit-remaining-images"] == "2"
+            chunks = answer.aiter_raw()
+            head = await anext(chunks)  # arrives while the upstream still holds the rest: it was not buffered
+            assert head == b'{"created"'
+            upstream.gate.set()
+            rest = b"".join([chunk async for chunk in chunks])
+        assert (head + rest).endswith(b'"data": [{"b64_json": "aW1hZ2U="}]}')
+    assert _refunded(registry) == 0
+
+
+async def test_a_client_gone_before_the_answer_is_refunded(
+    redis_url: str, upstream: StubUpstream, free_key: str
+) -> None:
+    upstream.gate = threading.Event()
+    registry = CollectorRegistry()
+    with _gateway(redis_url, (upstream.url,), registry) as url:
+        port = int(url.rsplit(":", 1)[1])
+        body = b'{"prompt": "x", "n": 3}'
+        request = (
+            f"POST {PATH} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {free_key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(request)
+            _until(lambda: len(upstream.seen) == 1, "the request never reached the upstream")
+        # The client hung up while the upstream was still working.
+        _until(lambda: _refunded(registry) == 3, "the charge was not refunded")
+        outcome = {"plan": "free", "route": PATH, "outcome": "client_gone"}
+        assert registry.get_sample_value("quotagate_requests_total", outcome) == 1
+        upstream.gate.set()
+        with httpx.Client(base_url=url, timeout=HANG) as again:
+            assert _post(again, free_key, n=3).status_code == 200  # all three images are still there
+
+
+@contextmanager
+def _doomed(mode: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.gateway.doomed_upstream", str(port), mode], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        _until(lambda: _listening(port), "the doomed upstream did not start")
+        yield process, f"http://127.0.0.1:{port}"
+    finally:
+        process.kill()
+        process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+async def test_a_backend_killed_before_it_answers_is_a_502_and_refunded(redis_url: str, free_key: str) -> None:
+    registry = CollectorRegistry()
+    with _doomed("hold") as (backend, backend_url), ThreadPoolExecutor(1) as pool:
+        app = _app(redis_url, (backend_url,), registry)
+        with TestClient(app) as client:  # type: ignore[arg-type]
+            pending = pool.submit(_post, client, free_key, 2)
+            assert backend.stdout is not None and backend.stdout.readline().strip() == "arrived"
+            backend.kill()
+            answer = pending.result(timeout=HANG)
+    assert answer.status_code == 502 and answer.json()["error"]["code"] == "upstream_error"
+    assert answer.headers["x-ratelimit-remaining-images"] == "1"  # as charged; then refunded
+    assert _refunded(registry) == 2
+
+
+async def test_a_backend_killed_mid_answer_cuts_it_short_and_is_refunded(redis_url: str, free_key: str) -> None:
+    registry = CollectorRegistry()
+    with _doomed("split") as (backend, backend_url), _gateway(redis_url, (backend_url,), registry) as url:
+        headers = {"Authorization": f"Bearer {free_key}"}
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=HANG) as client,
+            client.stream("POST", PATH, json={"prompt": "x", "n": 2}, headers=headers) as answer,
+        ):
+            assert answer.status_code == 200
+            assert backend.stdout is not None and backend.stdout.readline().strip() == "sent"
+            backend.kill()
+            with pytest.raises(httpx.RemoteProtocolError):  # the body ends before it is whole
+                await answer.aread()
+        _until(lambda: _refunded(registry) == 2, "the charge was not refunded")
+        outcome = {"plan": "free", "route": PATH, "outcome": "upstream_error"}
+        assert registry.get_sample_value("quotagate_requests_total", outcome) == 1
