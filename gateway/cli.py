@@ -1,4 +1,4 @@
-"""The `quotagate` command: run the stack or the gateway, manage keys and plans, check config."""
+"""The `quotagate` command: run the stack or the gateway, manage keys, plans and accounts, check config."""
 
 from __future__ import annotations
 
@@ -9,15 +9,21 @@ import os
 import sys
 import time
 from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from redis.exceptions import RedisError
+
+from gateway.accounts import Accounts, UnknownAccount
 from gateway.config import Config, load_config
 from gateway.datadir import DataDir
 from gateway.errors import ConfigError
 from gateway.identity import KeyStore
 from gateway.metrics import shared_across_workers
 from gateway.settings import Settings
-from limits import connect
+from limits import Engine, LimitsError, connect
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,15 +31,21 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, UnknownAccount) as exc:
         print(f"quotagate: {exc}", file=sys.stderr)
+        return 1
+    except (RedisError, LimitsError) as exc:
+        print(f"quotagate: redis unavailable: {exc}", file=sys.stderr)
         return 1
 
 
 def _up(args: argparse.Namespace) -> int:
     from gateway.stack import up
 
-    return up(Path(args.config), port=args.port, data=DataDir.resolve(args.data_dir), host=args.host, model=args.model)
+    data = DataDir.resolve(args.data_dir)
+    return up(
+        Path(args.config), port=args.port, data=data, host=args.host, model=args.model, admin_port=args.admin_port
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -47,9 +59,26 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.update({k: v for k, v in overrides.items() if v})
     settings = Settings.from_env()  # refuse a bad environment or config before any worker starts
     load_config(settings.config_path)
-    with shared_across_workers(args.workers):
+    with shared_across_workers(args.workers), _admin_api(args, settings):
         serve(host=args.host, port=args.port, workers=args.workers)
     return 0
+
+
+@contextmanager
+def _admin_api(args: argparse.Namespace, settings: Settings) -> Iterator[None]:
+    """The admin API on its own port, for as long as the gateway serves; nothing without --admin-port."""
+    if args.admin_port is None:
+        yield
+        return
+    from gateway.admin import TOKEN_ENV, AdminServer, check_token
+
+    token = check_token(os.environ.get(TOKEN_ENV))
+    server = AdminServer(settings, token, host=args.admin_host, port=args.admin_port)
+    server.start()
+    try:
+        yield
+    finally:
+        server.stop()
 
 
 def _keys_create(args: argparse.Namespace) -> int:
@@ -94,8 +123,66 @@ def _plan_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage(args: argparse.Namespace) -> int:
+    return _account_command(args, lambda accounts: accounts.usage(args.account))
+
+
+def _grant(args: argparse.Namespace) -> int:
+    if args.images < 1:
+        raise ValueError(f"grant at least 1 image, not {args.images}")
+    return _account_command(args, lambda accounts: accounts.grant(args.account, args.images))
+
+
+def _reset(args: argparse.Namespace) -> int:
+    return _account_command(args, lambda accounts: accounts.reset(args.account))
+
+
+def _account_command(args: argparse.Namespace, action: Callable[[Accounts], Awaitable[dict[str, Any]]]) -> int:
+    redis_url, secret, config = _target(args)
+    if config is None:
+        raise ValueError("no quota file to read plans from: pass --config or set QUOTAGATE_CONFIG")
+
+    async def run() -> dict[str, Any]:
+        redis = connect(redis_url, timeout=5.0)
+        try:
+            return await action(Accounts(Engine(redis), KeyStore(redis, secret), lambda: config))
+        finally:
+            await redis.aclose()
+
+    result = asyncio.run(run())
+    print(json.dumps(result) if args.json else _describe(result))
+    return 0
+
+
+def _describe(usage: dict[str, Any]) -> str:
+    """An account's usage for a person: one line per limit."""
+    lines = [f"{usage['account']} (plan {usage['plan']})"]
+    if "granted_today" in usage:
+        lines[0] += f", {usage['granted_today']} images granted today"
+    for limit in usage["limits"]:
+        if limit["kind"] == "rate":
+            state = f"{limit['remaining']} of {limit['burst']} left, full in {limit['full_in_s']:.0f} s"
+        elif limit["limit"] is None:
+            state = f"unlimited, day ends in {limit['resets_in_s']:.0f} s ({limit['timezone']})"
+        else:
+            state = f"{limit['remaining']} left of {limit['limit']}, resets in {limit['resets_in_s']:.0f} s"
+            state += f" ({limit['timezone']})"
+        lines.append(f"  {limit['name']:<16} {limit['kind']:<6} {state}")
+    return "\n".join(lines)
+
+
 def _config_check(args: argparse.Namespace) -> int:
-    config = load_config(args.file)
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        if not args.json:
+            raise
+        print(json.dumps({"file": args.file, "ok": False, "error": str(exc)}))
+        return 1
+    if args.json:
+        summary = {"file": config.source, "ok": True, "version": config.version}
+        print(json.dumps(summary | {"plans": list(config.plans), "routes": list(config.routes)}))
+        return 0
     print(f"{config.source}: ok ({len(config.plans)} plans, {len(config.routes)} routes, version {config.version})")
     now = time.time()
     for name, override in config.overrides.items():
@@ -137,6 +224,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--data-dir", help="state of this stack (default: $QUOTAGATE_DATA_DIR or ./.quotagate)")
     up.add_argument("--model", default="tiny", help="a local diffusers directory, or `tiny` (made on first run)")
+    up.add_argument("--admin-port", type=int, help="serve the admin API here (token in DATA_DIR/admin-token)")
     up.set_defaults(run=_up)
 
     serve = commands.add_parser("serve", help="run the gateway alone (settings from QUOTAGATE_* variables)")
@@ -146,6 +234,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--admin-port", type=int, help="serve the admin API on this port (needs QUOTAGATE_ADMIN_TOKEN)")
+    serve.add_argument("--admin-host", default="127.0.0.1", help="address of the admin API (default 127.0.0.1)")
     serve.set_defaults(run=_serve)
 
     def admin(sub: argparse.ArgumentParser) -> None:
@@ -178,9 +268,26 @@ def _parser() -> argparse.ArgumentParser:
     admin(plan_set)
     plan_set.set_defaults(run=_plan_set)
 
+    usage = commands.add_parser("usage", help="where an account's limits stand (charges nothing)")
+    usage.add_argument("account")
+    admin(usage)
+    usage.set_defaults(run=_usage)
+
+    grant = commands.add_parser("grant", help="give an account N more images today")
+    grant.add_argument("account")
+    grant.add_argument("images", type=int, metavar="N")
+    admin(grant)
+    grant.set_defaults(run=_grant)
+
+    reset = commands.add_parser("reset", help="forget an account's usage: buckets full, today's quota unused")
+    reset.add_argument("account")
+    admin(reset)
+    reset.set_defaults(run=_reset)
+
     config = commands.add_parser("config", help="the quota YAML").add_subparsers(required=True, metavar="ACTION")
     check = config.add_parser("check", help="check a quota file; exit 1 with file:line: field: problem")
     check.add_argument("file")
+    check.add_argument("--json", action="store_true", help="print one JSON object, also when the file is refused")
     check.set_defaults(run=_config_check)
     return parser
 

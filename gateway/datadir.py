@@ -14,7 +14,7 @@ DEFAULT = Path(".quotagate")
 
 @dataclass(frozen=True)
 class DataDir:
-    """Layout: redis/ (data, AOF, socket), models/ (the tiny model), key-secret, stack.json."""
+    """Layout: redis/ (data, AOF, socket), models/ (the tiny model), key-secret, admin-token, stack.json."""
 
     root: Path
 
@@ -38,10 +38,21 @@ class DataDir:
 
     def key_secret(self, *, create: bool = False) -> bytes:
         """The HMAC secret API keys are hashed with; made on first use when `create`."""
-        path = self.root / "key-secret"
+        return self._secret("key-secret", create)
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.root / "admin-token"
+
+    def admin_token(self, *, create: bool = False) -> bytes:
+        """The token of the local stack's admin API; made on first use when `create`."""
+        return self._secret(self.admin_token_file.name, create)
+
+    def _secret(self, name: str, create: bool) -> bytes:
+        path = self.root / name
         if not path.exists():
             if not create:
-                raise FileNotFoundError(f"{path}: no key secret; start the stack with `quotagate up` first")
+                raise FileNotFoundError(f"{path}: no {name}; start the stack with `quotagate up` first")
             self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as out:

@@ -149,6 +149,11 @@ class KeyStore:
             await pipe.execute()
         self.forget(account)
 
+    async def plan_of(self, account: str) -> str | None:
+        """The plan `account` is on, read from Redis now; None if there is no such account."""
+        plan = await self._redis.hget(_account_record(account), "plan")
+        return None if plan is None else _text(plan)
+
     async def authenticate(self, api_key: str) -> Identity:
         """The identity behind `api_key`; Unauthorized if it is malformed, unknown or revoked."""
         match = _KEY.match(api_key)

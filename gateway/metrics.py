@@ -37,7 +37,7 @@ NO_PLAN_OUTCOMES = ("unauthorized", "store_unavailable", "shed", "bad_request")
 # What a plan's shadow limits would have decided for a request its enforced limits admitted.
 SHADOW_OUTCOMES = ("allowed", "rate_limited", "quota_exhausted")
 # Where a Redis call failed.
-REDIS_OPERATIONS = ("authenticate", "decide", "refund", "admin", "readyz", "reload")
+REDIS_OPERATIONS = ("authenticate", "decide", "refund", "readyz", "reload")
 RELOAD_RESULTS = ("success", "failure")
 # What `on_store_failure` did with a request while Redis could not decide it.
 STORE_FAILURE_ACTIONS = ("allowed", "denied")

@@ -34,8 +34,19 @@ class StackError(RuntimeError):
     """A part of the stack did not start."""
 
 
-def up(config_path: Path, *, port: int, data: DataDir, host: str = "127.0.0.1", model: str = "tiny") -> int:
-    """Start everything, print the demo keys, and serve until interrupted. Returns an exit code."""
+def up(
+    config_path: Path,
+    *,
+    port: int,
+    data: DataDir,
+    host: str = "127.0.0.1",
+    model: str = "tiny",
+    admin_port: int | None = None,
+) -> int:
+    """Start everything, print the demo keys, and serve until interrupted. Returns an exit code.
+
+    With `admin_port`, the admin API listens on 127.0.0.1 there; its token is in the data directory.
+    """
     config = load_config(config_path)
     secret = data.key_secret(create=True)
     redis = RedisServer(data.redis)
@@ -58,7 +69,11 @@ def up(config_path: Path, *, port: int, data: DataDir, host: str = "127.0.0.1", 
             "QUOTAGATE_KEY_SECRET": secret.decode(),
             "QUOTAGATE_UPSTREAMS": f"diffusion=http://127.0.0.1:{backend_port}",
         }
-        gateway = _spawn("quotagate", "serve", "--host", host, "--port", str(port), env=env)
+        admin: tuple[str, ...] = ()
+        if admin_port is not None:
+            env["QUOTAGATE_ADMIN_TOKEN"] = data.admin_token(create=True).decode()
+            admin = ("--admin-port", str(admin_port))
+        gateway = _spawn("quotagate", "serve", "--host", host, "--port", str(port), *admin, env=env)
         children.append(gateway)
         _wait_ready(f"http://{host}:{port}/readyz", gateway, "gateway", GATEWAY_READY_TIMEOUT, stop)
         data.write_stack(
@@ -66,7 +81,8 @@ def up(config_path: Path, *, port: int, data: DataDir, host: str = "127.0.0.1", 
         )
         plans = sorted(config.plans, key=lambda name: config.plans[name].priority)
         keys = asyncio.run(_demo_keys(redis.url, secret, plans[0], plans[-1]))
-        _print_banner(host, port, keys)
+        admin_line = f"Admin API: http://127.0.0.1:{admin_port}  (token in {data.admin_token_file})"
+        _print_banner(host, port, keys, admin_line if admin_port is not None else None)
         while not stop.is_set():
             if any(child.poll() is not None for child in children) or not redis.running:
                 print("quotagate: a part of the stack exited; stopping the rest", file=sys.stderr, flush=True)
@@ -132,7 +148,7 @@ async def _demo_keys(redis_url: str, secret: bytes, low: str, high: str) -> dict
         await redis.aclose()
 
 
-def _print_banner(host: str, port: int, keys: dict[str, str]) -> None:
+def _print_banner(host: str, port: int, keys: dict[str, str], admin_line: str | None) -> None:
     base = f"http://{host}:{port}"
     body = json.dumps({"prompt": "a lighthouse at dusk", "n": 1, "size": "256x256", "response_format": "b64_json"})
     first = next(iter(keys.values()))
@@ -147,6 +163,7 @@ def _print_banner(host: str, port: int, keys: dict[str, str]) -> None:
         '    | python3 -c \'import base64,json,sys; open("image.png","wb").write('
         'base64.b64decode(json.load(sys.stdin)["data"][0]["b64_json"]))\'',
         "",
+        *([admin_line] if admin_line else []),
         f"Metrics: {base}/metrics    Ctrl-C stops everything.",
         "",
     ]

@@ -36,6 +36,7 @@ class Stack:
     url: str
     data_dir: Path
     output: list[str]
+    admin_url: str
 
     def keys_from_banner(self) -> dict[str, str]:
         keys = {}
@@ -49,10 +50,21 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("stack")
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     repo = Path(__file__).resolve().parent.parent
     process = subprocess.Popen(
-        [BIN / "quotagate", "up", "--config", repo / "config/quotas.yaml", "--port", str(port), "--data-dir", data_dir],
+        [
+            BIN / "quotagate",
+            "up",
+            "--config",
+            repo / "config/quotas.yaml",
+            "--port",
+            str(port),
+            "--data-dir",
+            data_dir,
+            "--admin-port",
+            str(admin_port),
+        ],  # fmt: skip
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -60,16 +72,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or ()], daemon=True)
     reader.start()
-    stack = Stack(process, f"http://127.0.0.1:{port}", data_dir, [])
+    stack = Stack(process, f"http://127.0.0.1:{port}", data_dir, [], f"http://127.0.0.1:{admin_port}")
     deadline = time.monotonic() + START_TIMEOUT
     while not any("Ctrl-C stops everything" in line for line in stack.output):
         assert time.monotonic() < deadline and process.poll() is None, "".join(stack.output)
         with contextlib.suppress(queue.Empty):
             stack.output.append(lines.get(timeout=1))
     yield stack
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    if process.poll() is None:  # a test failed before Ctrl-C: stop the whole stack, not just its supervisor
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
     reader.join(10)
     if process.stdout is not None:
         process.stdout.close()
@@ -144,6 +160,24 @@ def test_metrics_count_requests_by_plan_and_outcome(stack: Stack) -> None:
     with urllib.request.urlopen(f"{stack.url}/metrics") as answer:
         text = answer.read().decode()
     assert 'outcome="quota_exhausted",plan="free"' in text
+
+
+def test_the_admin_api_answers_with_the_token_from_the_data_dir(stack: Stack) -> None:
+    import urllib.error
+    import urllib.request
+
+    token = (stack.data_dir / "admin-token").read_text().strip()
+    asked = urllib.request.Request(f"{stack.admin_url}/v1/accounts/demo-free/usage")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(asked)
+    assert refused.value.code == 401
+    refused.value.close()
+    asked.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(asked) as answer:
+        usage = json.loads(answer.read())
+    assert usage["account"] == "demo-free" and usage["plan"] == "free"
+    assert any(line.startswith("Admin API: ") for line in stack.output)
+    assert token not in "".join(stack.output)
 
 
 def test_ctrl_c_stops_all_three_cleanly(stack: Stack) -> None:

@@ -46,13 +46,25 @@ class GatewayProcess:
 
 @contextmanager
 def gateway_processes(
-    count: int, config: Path, redis_url: str, upstream_url: str, log_dir: Path, *, workers: int = 1, **env: str
+    count: int,
+    config: Path,
+    redis_url: str,
+    upstream_url: str,
+    log_dir: Path,
+    *,
+    workers: int = 1,
+    args: tuple[str, ...] = (),
+    terminal: int | None = None,
+    **env: str,
 ) -> Iterator[list[GatewayProcess]]:
-    """`count` running `quotagate serve` processes, started together and each ready; stopped at exit."""
+    """`count` running `quotagate serve` processes, started together and each ready; stopped at exit.
+
+    `args` are more options of `serve`; `terminal`, a pty's file descriptor, takes their output instead of the log.
+    """
     gateways: list[GatewayProcess] = []
     try:
         for _ in range(count):
-            gateways.append(_spawn(config, redis_url, upstream_url, log_dir, workers, env))
+            gateways.append(_spawn(config, redis_url, upstream_url, log_dir, workers, args, terminal, env))
         deadline = time.monotonic() + START_TIMEOUT
         for gateway in gateways:
             _wait_ready(gateway, deadline, workers)
@@ -69,7 +81,14 @@ def gateway_processes(
 
 
 def _spawn(
-    config: Path, redis_url: str, upstream_url: str, log_dir: Path, workers: int, env: dict[str, str]
+    config: Path,
+    redis_url: str,
+    upstream_url: str,
+    log_dir: Path,
+    workers: int,
+    args: tuple[str, ...],
+    terminal: int | None,
+    env: dict[str, str],
 ) -> GatewayProcess:
     port = free_port()
     log = log_dir / f"gateway-{port}.log"
@@ -77,10 +96,10 @@ def _spawn(
         process = subprocess.Popen(
             [
                 BIN / "quotagate", "serve", "--config", config, "--redis-url", redis_url,
-                "--upstream", f"diffusion={upstream_url}", "--port", str(port), "--workers", str(workers),
+                "--upstream", f"diffusion={upstream_url}", "--port", str(port), "--workers", str(workers), *args,
             ],
             env={**os.environ, "QUOTAGATE_KEY_SECRET": SECRET.decode(), **env},
-            stdout=out,
+            stdout=out if terminal is None else terminal,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
     return GatewayProcess(process, f"http://127.0.0.1:{port}", log)

@@ -19,8 +19,8 @@ from gateway.config import Config
 from gateway.identity import KeyStore
 from gateway.logs import JsonFormatter
 
-from .conftest import SECRET, StubUpstream, settings_for
-from .serving import serve
+from .conftest import QUOTAS, SECRET, StubUpstream, settings_for
+from .serve import gateway_processes
 
 pytestmark = pytest.mark.anyio
 
@@ -41,16 +41,14 @@ def _send(url: str, key: str, n: int, request_id: str) -> httpx.Response:
 async def test_each_request_is_one_json_line_without_the_key_or_the_prompt(
     tmp_path: Path, redis_url: str, upstream: StubUpstream, free_key: str
 ) -> None:
-    with serve(tmp_path, redis_url, upstream.url) as served:
+    with gateway_processes(1, _quotas(tmp_path), redis_url, upstream.url, tmp_path) as (served,):
         assert _send(served.url, free_key, 2, "req-allowed").status_code == 200
         assert _send(served.url, free_key, 2, "req-refused").status_code == 429  # 1 of 3 images left
         assert _send(served.url, _wrong_secret(free_key), 1, "req-badkey").status_code == 401
         upstream.status = 500
         answer = _send(served.url, free_key, 1, "req-failed")
         assert answer.status_code == 500 and answer.headers["X-Request-Id"] == "req-failed"
-        served.stop()
-        assert served.process.stderr is not None
-        output = served.process.stderr.read().decode()
+    output = served.logged()
     assert free_key not in output and free_key.rsplit("_", 1)[1] not in output
     assert PROMPT not in output and "otter" not in output
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
@@ -80,9 +78,8 @@ async def test_a_terminal_gets_plain_text(
 ) -> None:
     leader, follower = pty.openpty()
     try:
-        with serve(tmp_path, redis_url, upstream.url, stderr=follower) as served:
+        with gateway_processes(1, _quotas(tmp_path), redis_url, upstream.url, tmp_path, terminal=follower) as (served,):
             assert _send(served.url, free_key, 1, "req-tty").status_code == 200
-            served.stop()
         os.close(follower)
         follower = -1
         output = _read_all(leader)
@@ -94,6 +91,12 @@ async def test_a_terminal_gets_plain_text(
     assert not line.lstrip().startswith("{")
     assert f"POST {PATH} 200 allowed" in line and "account=acct-free" in line and "plan=free" in line
     assert free_key not in output and PROMPT not in output
+
+
+def _quotas(tmp_path: Path) -> Path:
+    path = tmp_path / "quotas.yaml"
+    path.write_text(QUOTAS)
+    return path
 
 
 def _read_all(fd: int) -> str:

@@ -18,8 +18,8 @@ from redis.asyncio import Redis
 from gateway.identity import KeyStore
 from gateway.metrics import MULTIPROC_ENV, shared_across_workers
 
-from .conftest import SECRET, StubUpstream
-from .serving import serve
+from .conftest import QUOTAS, SECRET, StubUpstream
+from .serve import gateway_processes
 
 pytestmark = pytest.mark.anyio
 
@@ -33,8 +33,10 @@ def gateway(tmp_path: Path, redis_url: str, upstream: StubUpstream) -> Iterator[
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     (metrics_dir / "counter_1.db").write_bytes(b"stale")  # from a run before: must be cleaned
+    config = tmp_path / "quotas.yaml"
+    config.write_text(QUOTAS)
     env = {MULTIPROC_ENV: str(metrics_dir)}
-    with serve(tmp_path, redis_url, upstream.url, args=("--workers", "2"), env=env, stderr=None) as served:
+    with gateway_processes(1, config, redis_url, upstream.url, tmp_path, workers=2, **env) as (served,):
         yield served.url, metrics_dir
 
 

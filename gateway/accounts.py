@@ -1,0 +1,73 @@
+"""What an operator does to one account: read its usage, grant it images for today, reset it.
+
+Shared by the `quotagate usage|grant|reset` commands and the admin API, so both answer the same JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gateway.config import Config, Plan
+from gateway.identity import KeyStore
+from limits import Bucket, DailyQuota, Decision, Engine
+
+
+class UnknownAccount(LookupError):
+    """No account by that name, or its plan is not in the config."""
+
+
+class Accounts:
+    """Operations on accounts, against the config `config()` returns now (it may be reloaded)."""
+
+    def __init__(self, engine: Engine, keys: KeyStore, config: Callable[[], Config]) -> None:
+        self._engine = engine
+        self._keys = keys
+        self._config = config
+
+    async def usage(self, account: str) -> dict[str, Any]:
+        """Where each of the account's limits stands; charges nothing."""
+        plan = await self._plan(account)
+        decision = await self._engine.peek(account, plan.limits)
+        return {"account": account, "plan": plan.name, "limits": _limits(decision)}
+
+    async def grant(self, account: str, images: int) -> dict[str, Any]:
+        """Add `images` to the account's daily quota for today (a support gesture); returns the usage after."""
+        plan = await self._plan(account)
+        quota = next((q for q in plan.limits.quotas if q.limit is not None), None)
+        if quota is None:
+            raise ValueError(f"the {plan.name} plan has no daily limit to grant images against")
+        granted = await self._engine.grant(account, quota, images)
+        return {**await self.usage(account), "granted_today": granted}
+
+    async def reset(self, account: str) -> dict[str, Any]:
+        """Forget the account's usage: buckets full, today's quota unused, grants gone."""
+        plan = await self._plan(account)
+        await self._engine.reset(account, plan.limits)
+        return await self.usage(account)
+
+    async def _plan(self, account: str) -> Plan:
+        name = await self._keys.plan_of(account)
+        if name is None:
+            raise UnknownAccount(f"no account {account!r}")
+        config = self._config()
+        plan = config.plan_at(name, time.time())  # with its temporary override, as the gateway charges it
+        if plan is None:
+            raise UnknownAccount(f"account {account!r} is on plan {name!r}, which {config.source} does not offer")
+        return plan
+
+
+def _limits(decision: Decision) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for state in decision.states:
+        limit = state.limit
+        if isinstance(limit, Bucket):
+            entry = {"name": limit.name, "kind": "rate", "burst": limit.burst, "rate": limit.rate, "per": limit.period}
+            entry |= {"remaining": state.remaining, "full_in_s": round(state.reset_after, 3)}
+        else:
+            assert isinstance(limit, DailyQuota)
+            entry = {"name": limit.name, "kind": "daily", "limit": limit.limit, "timezone": limit.timezone.key}
+            entry |= {"remaining": state.remaining, "resets_in_s": round(state.reset_after, 3)}
+        out.append(entry)
+    return out
