@@ -8,9 +8,9 @@ import json
 import os
 import sys
 import time
-from datetime import UTC, datetime
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
