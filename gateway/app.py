@@ -32,6 +32,7 @@ from gateway.metrics import GatewayMetrics, render, worker_exited
 from gateway.openapi import openapi_endpoint
 from gateway.peers import TrustedProxies
 from gateway.proxy import proxy
+from gateway.quota import quota
 from gateway.reload import LiveConfig, reload_on_sighup
 from gateway.requestlog import logged
 from gateway.settings import Settings
@@ -182,6 +183,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
         Route("/openapi.json", openapi_endpoint),
+        Route("/v1/quota", logged(quota), methods=["GET"]),
         Route("/{path:path}", logged(proxy), methods=PROXIED_METHODS),
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: handle_api_error})

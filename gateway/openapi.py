@@ -96,6 +96,22 @@ DOCUMENT: dict[str, Any] = {
                 },
             }
         },
+        "/v1/quota": {
+            "get": {
+                "operationId": "getQuota",
+                "security": [{"apiKey": []}],
+                "responses": {
+                    "200": {
+                        "description": "the caller's plan and, per limit, what is used and left and when it resets",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "401": _error("missing, malformed, unknown or revoked API key"),
+                    "403": _error("the account's plan is not offered"),
+                    "429": _error("too many failed authentications from this address; see Retry-After"),
+                    "503": _error("the quota store is unavailable; see Retry-After"),
+                },
+            }
+        },
         "/healthz": {"get": {"operationId": "health", "responses": {"200": {"description": "the process is up"}}}},
         "/readyz": {
             "get": {

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.admission import admit
+from gateway.caller import identify, peer
 from gateway.cost import request_cost
 from gateway.errors import (
     ApiError,
@@ -28,7 +29,6 @@ from gateway.errors import (
     error_response,
 )
 from gateway.forward import upstream_headers
-from gateway.identity import Identity
 from gateway.metrics import NO_PLAN
 from gateway.relay import Charge, Relay
 from gateway.requestlog import RequestRecord, prompt_of, since_ms
@@ -53,9 +53,8 @@ async def proxy(request: Request) -> Response:
     record: RequestRecord = request.state.record
     record.route = route.path
     plan_label = NO_PLAN
-    address = services.peers.client_address(_peer(request), request.headers.get("x-forwarded-for"))
     try:
-        identity = await _identify(request, services, address)
+        identity = await identify(request, services)
         record.account = identity.account
         plan = config.plan_at(identity.plan, time.time())  # a temporary override lapses by itself
         if plan is None:
@@ -142,34 +141,11 @@ async def proxy(request: Request) -> Response:
     return Relay(answer, charge, gone, outcome)
 
 
-async def _identify(request: Request, services: Services, address: str) -> Identity:
-    """The caller: an account a trusted proxy vouches for, else the API key's; failures count per address."""
-    services.auth_guard.check(address)
-    try:
-        vouched = request.headers.get(services.settings.account_header)
-        if vouched is not None and services.peers.trusts(_peer(request)):
-            return await services.keys.vouched(vouched)
-        return await services.keys.authenticate(_bearer(request))
-    except Unauthorized as exc:
-        raise (await services.auth_guard.failed(address)) or exc from None
-
-
-def _peer(request: Request) -> str | None:
-    return request.client.host if request.client else None
-
-
 def _shadow_outcome(decision: Decision) -> str:
     refusals = decision.shadow_refusals
     if not refusals:
         return "allowed"
     return "quota_exhausted" if any(isinstance(s.limit, DailyQuota) for s in refusals) else "rate_limited"
-
-
-def _bearer(request: Request) -> str:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("You didn't provide an API key: send `Authorization: Bearer qg_...`.")
-    return token.strip()
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -186,7 +162,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _forwarded_for(request: Request) -> str:
-    client = _peer(request) or "unknown"
+    client = peer(request) or "unknown"
     prior = request.headers.get("x-forwarded-for")
     return f"{prior}, {client}" if prior else client
 

@@ -82,6 +82,26 @@ class Engine:
         """Where every limit stands, charging nothing."""
         return await self.decide(account, limits, 0, now=now)
 
+    async def usage(
+        self, account: str, limits: LimitSet, *, now: float | None = None
+    ) -> tuple[Decision, dict[str, int]]:
+        """Where every limit stands (as `peek`), and the units each daily quota has counted today, by name.
+
+        Unlimited quotas count too, so this is the one place their usage can be read.
+        """
+        decision = await self.peek(account, limits, now=now)
+        used: dict[str, int] = {}
+        for state in decision.states:
+            if isinstance(state.limit, DailyQuota):
+                try:
+                    day, units = await self._redis.hmget(counter_key(account, state.limit.counter), ["d", "u"])
+                except (RedisError, OSError) as exc:
+                    raise StoreUnavailable(f"redis unavailable: {exc}") from exc
+                # The hash holds the day it counts (see decide.lua); an older day's units are not today's.
+                today = day is not None and int(day) == state.day_start_us
+                used[state.limit.name] = int(units) if today and units is not None else 0
+        return decision, used
+
     async def refund(self, account: str, limits: LimitSet, decision: Decision, *, now: float | None = None) -> None:
         """Give back what an admitted `decision` took. A decision with an idempotency key is refunded once."""
         if not decision.allowed or decision.cost == 0 or decision.replayed:
