@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class LiveConfig:
         # The text the last reload looked at, so an unchanged file is a no-op.
         self._seen: str | None = text if isinstance(loaded, Config) and loaded.version == config.version else None
         self._pending: str | None = None
+        _note_expired_overrides(config)
 
     def reload(self) -> bool:
         """Load the file now (SIGHUP); True if it was applied. A refused file leaves the old config in force."""
@@ -83,6 +85,7 @@ class LiveConfig:
         self._metrics.loaded_config(loaded.version)
         self._metrics.config_reloads.labels("success").inc()
         log.info("config reloaded from %s: version %s → %s", loaded.source, previous.version, loaded.version)
+        _note_expired_overrides(loaded)
         return True
 
 
@@ -98,6 +101,14 @@ def reload_on_sighup(live: LiveConfig) -> Iterator[None]:
     finally:
         if installed:
             loop.remove_signal_handler(signal.SIGHUP)
+
+
+def _note_expired_overrides(config: Config) -> None:
+    """An override past its `until` is harmless (it no longer applies), but ops may want to tidy it away."""
+    now = time.time()
+    for name, override in config.overrides.items():
+        if now >= override.until.timestamp():
+            log.info("override of plan %s ended at %s and no longer applies", name, override.until.isoformat())
 
 
 def _read(path: Path) -> tuple[str, Config | ConfigError]:

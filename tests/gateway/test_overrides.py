@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
@@ -15,6 +18,8 @@ from gateway.cli import main
 from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.identity import KeyStore
+from gateway.metrics import GatewayMetrics
+from gateway.reload import LiveConfig
 
 from .conftest import QUOTAS, SECRET, StubUpstream, settings_for
 
@@ -151,3 +156,14 @@ async def test_an_override_in_force_is_enforced(redis_url: str, upstream: StubUp
 async def test_a_lapsed_override_is_ignored(redis_url: str, upstream: StubUpstream, free_key: str) -> None:
     with gateway(redis_url, upstream, datetime.now(UTC) - timedelta(seconds=1)) as client:
         assert list(statuses(client, free_key, 4)) == [200, 200, 200, 429]
+
+
+def test_a_reload_notes_an_override_that_has_ended(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "quotas.yaml"
+    path.write_text(QUOTAS)
+    live = LiveConfig(parse_config(QUOTAS, source=str(path)), path, GatewayMetrics(CollectorRegistry()))
+    path.write_text(with_override("2000-01-01T00:00:00Z"))
+    with caplog.at_level(logging.INFO, logger="quotagate.reload"):
+        assert live.reload()
+    assert "override of plan free ended at 2000-01-01T00:00:00+00:00 and no longer applies" in caplog.text
+    assert live.current.plan_at("free", time.time()) is live.current.plans["free"]

@@ -221,10 +221,10 @@ async def test_two_gateways_reload_under_load_without_dropping_a_request(
 
             load = Load([first.url, second.url], keys["pro"])
             running = asyncio.create_task(load.run())
-            await load.until_answered(20)  # the load is flowing before the file changes
+            await load.until_answered(50)  # the load is flowing before the file changes
             quota_file.write_text(with_free_daily(3))
             await _wait_for_version(gateways, load_config(quota_file).version)
-            await load.until_answered(load.answered + 20)  # and flows on after
+            await load.until_answered(load.answered + 100)  # and flows on after
             load.stop()
             await running
             assert load.failures == []
