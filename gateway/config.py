@@ -402,6 +402,8 @@ class _Reader:
 
 
 def _join(field: str, key: str) -> str:
+    if not key.strip() or key != key.strip() or not key.isprintable():
+        key = repr(key)  # a blank, padded or unprintable key would not read as a field name
     return key if field == "(file)" else f"{field}.{key}"
 
 

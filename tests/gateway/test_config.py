@@ -64,6 +64,10 @@ BAD = {
         QUOTAS + "limits: {}\n",
         "q.yaml:15: limits: unknown key; expected one of: overrides, plans, pools, routes, timezone",
     ),
+    "blank key": (
+        QUOTAS + '" ": 1\n',
+        "q.yaml:15: ' ': unknown key; expected one of: overrides, plans, pools, routes, timezone",
+    ),
     "unknown plan key": (
         QUOTAS.replace("    priority: 0\n", "    priority: 0\n    colour: blue\n"),
         "q.yaml:5: plans.free.colour: unknown key; expected one of: "
