@@ -11,7 +11,8 @@ from typing import Any
 
 from gateway.config import Config, Plan
 from gateway.identity import KeyStore
-from limits import Bucket, DailyQuota, Decision, Engine
+from gateway.usage import limits_view
+from limits import Engine
 
 
 class UnknownAccount(LookupError):
@@ -29,8 +30,8 @@ class Accounts:
     async def usage(self, account: str) -> dict[str, Any]:
         """Where each of the account's limits stands; charges nothing."""
         plan = await self._plan(account)
-        decision = await self._engine.peek(account, plan.limits)
-        return {"account": account, "plan": plan.name, "limits": _limits(decision)}
+        decision, used = await self._engine.usage(account, plan.limits)
+        return {"account": account, "plan": plan.name, "limits": limits_view(decision, used)}
 
     async def grant(self, account: str, images: int) -> dict[str, Any]:
         """Add `images` to the account's daily quota for today (a support gesture); returns the usage after."""
@@ -56,18 +57,3 @@ class Accounts:
         if plan is None:
             raise UnknownAccount(f"account {account!r} is on plan {name!r}, which {config.source} does not offer")
         return plan
-
-
-def _limits(decision: Decision) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for state in decision.states:
-        limit = state.limit
-        if isinstance(limit, Bucket):
-            entry = {"name": limit.name, "kind": "rate", "burst": limit.burst, "rate": limit.rate, "per": limit.period}
-            entry |= {"remaining": state.remaining, "full_in_s": round(state.reset_after, 3)}
-        else:
-            assert isinstance(limit, DailyQuota)
-            entry = {"name": limit.name, "kind": "daily", "limit": limit.limit, "timezone": limit.timezone.key}
-            entry |= {"remaining": state.remaining, "resets_in_s": round(state.reset_after, 3)}
-        out.append(entry)
-    return out

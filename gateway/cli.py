@@ -163,9 +163,11 @@ def _describe(usage: dict[str, Any]) -> str:
         if limit["kind"] == "rate":
             state = f"{limit['remaining']} of {limit['burst']} left, full in {limit['full_in_s']:.0f} s"
         elif limit["limit"] is None:
-            state = f"unlimited, day ends in {limit['resets_in_s']:.0f} s ({limit['timezone']})"
+            state = f"unlimited, {limit['used']} used today, day ends in {limit['resets_in_s']:.0f} s"
+            state += f" ({limit['timezone']})"
         else:
-            state = f"{limit['remaining']} left of {limit['limit']}, resets in {limit['resets_in_s']:.0f} s"
+            state = f"{limit['used']} used, {limit['remaining']} left of {limit['limit']}, "
+            state += f"resets in {limit['resets_in_s']:.0f} s"
             state += f" ({limit['timezone']})"
         lines.append(f"  {limit['name']:<16} {limit['kind']:<6} {state}")
     return "\n".join(lines)

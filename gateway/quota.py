@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -12,7 +11,8 @@ from starlette.responses import JSONResponse, Response
 from gateway.caller import identify
 from gateway.errors import Forbidden, ServiceUnavailable
 from gateway.headers import rate_limit_headers
-from limits import Bucket, DailyQuota, LimitsError
+from gateway.usage import limits_view
+from limits import LimitsError
 
 if TYPE_CHECKING:
     from gateway.app import Services
@@ -31,28 +31,5 @@ async def quota(request: Request) -> Response:
         raise ServiceUnavailable(
             "The quota service is unavailable; retry shortly.", headers={"Retry-After": "1"}
         ) from exc
-    now = decision.now_us / 1_000_000  # Redis's clock, as the limits themselves see it
-    limits: list[dict[str, Any]] = []
-    for state in decision.states:
-        limit = state.limit
-        if isinstance(limit, Bucket):
-            entry = {"name": limit.name, "kind": "rate", "images": limit.rate, "per_seconds": limit.period}
-            entry |= {
-                "burst": limit.burst,
-                "remaining": state.remaining,
-                "full_in_seconds": round(state.reset_after, 3),
-            }
-        else:
-            assert isinstance(limit, DailyQuota)
-            entry = {"name": limit.name, "kind": "daily", "limit": limit.limit, "used": used[limit.name]}
-            entry |= {"remaining": state.remaining, "timezone": limit.timezone.key}
-            entry |= {"resets_at": _instant(now + state.reset_after), "resets_in_seconds": round(state.reset_after, 3)}
-        if limit.shadow:
-            entry["shadow"] = True  # counted, never enforced
-        limits.append(entry)
-    body = {"object": "quota", "account": identity.account, "plan": plan.name, "limits": limits}
+    body = {"object": "quota", "account": identity.account, "plan": plan.name, "limits": limits_view(decision, used)}
     return JSONResponse(body, headers=rate_limit_headers(plan.limits, decision))
-
-
-def _instant(seconds: float) -> str:
-    return datetime.fromtimestamp(round(seconds), UTC).isoformat().replace("+00:00", "Z")

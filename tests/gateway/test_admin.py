@@ -64,13 +64,15 @@ async def test_usage_grant_and_reset(admin: TestClient, redis_client: Redis, acc
     await _spend(redis_client, "ann", 2)
     usage = admin.get("/v1/accounts/ann/usage", headers=AUTH).json()
     assert usage["account"] == "ann" and usage["plan"] == "free"
-    assert _daily(usage) | {"resets_in_s": 0} == {
+    assert _daily(usage) | {"resets_in_s": 0, "resets_at": ""} == {
         "name": "free-daily",
         "kind": "daily",
         "limit": 3,
         "timezone": "UTC",
+        "used": 2,
         "remaining": 1,
         "resets_in_s": 0,
+        "resets_at": "",
     }
     granted = admin.post("/v1/accounts/ann/grant", json={"images": 5}, headers=AUTH).json()
     assert _daily(granted)["remaining"] == 6 and granted["granted_today"] == 5

@@ -41,15 +41,14 @@ async def test_a_free_account_reads_what_it_used_and_when_its_day_resets(
         body = answer.json()
         assert (body["object"], body["account"], body["plan"]) == ("quota", "ann", "free")
         rate, daily = body["limits"]
-        assert rate | {"full_in_seconds": 0} == {
-            "name": "free-rate", "kind": "rate", "images": 60, "per_seconds": 60, "burst": 10,
-            "remaining": 8, "full_in_seconds": 0,
+        assert rate | {"full_in_s": 0} == {
+            "name": "free-rate", "kind": "rate", "rate": 60, "per": 60, "burst": 10, "remaining": 8, "full_in_s": 0,
         }  # fmt: skip
-        assert 0 < rate["full_in_seconds"] <= 2
+        assert 0 < rate["full_in_s"] <= 2
         assert (daily["name"], daily["limit"], daily["used"], daily["remaining"]) == ("free-daily", 3, 2, 1)
         resets_at = datetime.fromisoformat(daily["resets_at"])
         assert (resets_at.hour, resets_at.minute, resets_at.second, resets_at.tzinfo) == (0, 0, 0, UTC)
-        assert 0 < daily["resets_in_seconds"] <= 86400
+        assert 0 < daily["resets_in_s"] <= 86400
         assert '"free-daily";r=1' in answer.headers["RateLimit"]
     assert client.post(PATH, json={"prompt": "x"}, headers=auth).status_code == 200  # the last image is still there
 
