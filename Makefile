@@ -6,7 +6,11 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: setup run test lint bench clean
 
+# Debian's prometheus package gives `prometheus` and `promtool`: the tests check the alert rules and
+# the dashboard's queries against a real Prometheus (tests/ops). CI is a fresh Debian machine, as root.
 setup: $(STAMP)
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
 # torch is pinned here, not only as a range in pyproject: without the pin pip resolves the newest
 # torch with several GB of CUDA packages; 2.13.0 is served as a CPU build on these machines.

@@ -7,6 +7,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 __all__ = ["BackendMetrics"]
 
 _PREFIX = "quotagate_backend_"
+# Why a request was refused; each series exists at zero from start, so rate() sees the first refusal.
+REJECTION_REASONS = ("queue_full", "queue_wait", "not_ready", "invalid", "too_large")
 
 
 class BackendMetrics:
@@ -50,6 +52,8 @@ class BackendMetrics:
             ["reason"],
             registry=registry,
         )
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason=reason)
         self.cancelled = Counter(
             _PREFIX + "cancelled",
             "Requests whose client went away while queued; they cost no inference.",
