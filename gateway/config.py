@@ -28,6 +28,7 @@ from limits import PERIODS, Bucket, DailyQuota, LimitSet
 MAX_IMAGES_PER_REQUEST = 10  # the OpenAI Images API's bound on `n`
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+_SIZE = re.compile(r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$")
 SHADOWABLE = ("daily_images", "rate")  # the plan keys whose limit can be put in shadow mode
 
 
@@ -44,11 +45,15 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A public path forwarded to an upstream pool; `cost` is a constant, or None for the body's `n`."""
+    """A public path forwarded to an upstream pool; `cost` is a constant, or None for the body's `n`.
+
+    With `size_weights`, an image of a listed `size` costs its weight (a body without `size` costs 1 each).
+    """
 
     path: str
     upstream: str
     cost: int | None
+    size_weights: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,7 +383,7 @@ class _Reader:
         return PoolPolicy(**values)
 
     def route(self, node: yaml.Node, field: str) -> Route:
-        entries = self.mapping(node, field, required={"path", "upstream", "cost"})
+        entries = self.mapping(node, field, required={"path", "upstream", "cost"}, optional={"size_weights"})
         path = self.string(entries["path"], f"{field}.path")
         if not path.startswith("/"):
             raise self.error(entries["path"], f"{field}.path", f"must start with /, got {path!r}")
@@ -387,7 +392,29 @@ class _Reader:
             cost = None
         else:
             cost = self.integer(entries["cost"], f"{field}.cost", minimum=0)
-        return Route(path=path, upstream=upstream, cost=cost)
+        weights = None
+        if "size_weights" in entries:
+            node = entries["size_weights"]
+            if cost is not None:
+                raise self.error(
+                    node, f"{field}.size_weights", "only with `cost: images` (a constant cost has no sizes)"
+                )
+            weights = MappingProxyType(
+                {
+                    size: self.integer(value, f"{field}.size_weights.{size}", minimum=1)
+                    for size, value in self.size_names(node, f"{field}.size_weights").items()
+                }
+            )
+        return Route(path=path, upstream=upstream, cost=cost, size_weights=weights)
+
+    def size_names(self, node: yaml.Node, field: str) -> dict[str, yaml.Node]:
+        if not isinstance(node, yaml.MappingNode) or not node.value:
+            raise self.error(node, field, "expected a mapping of sizes like 512x512 to weights")
+        out = self._entries(node, field)
+        for size, value in out.items():
+            if not _SIZE.match(size):
+                raise self.error(value, f"{field}.{size}", "sizes read WIDTHxHEIGHT, like 512x512")
+        return out
 
     def _entries(self, node: yaml.MappingNode, field: str) -> dict[str, yaml.Node]:
         out: dict[str, yaml.Node] = {}

@@ -43,6 +43,18 @@ def test_version_changes_with_the_text() -> None:
 BAD = {
     "not yaml": ("plans: [\n", "q.yaml:2: (file): not valid YAML: expected the node content, but found '<stream end>'"),
     "empty": ("", "q.yaml:1: (file): empty; expected `plans` and `routes`"),
+    "size weights with a constant cost": (
+        QUOTAS.replace("    cost: images\n", "    cost: 1\n    size_weights: {512x512: 2}\n"),
+        "q.yaml:15: routes[0].size_weights: only with `cost: images` (a constant cost has no sizes)",
+    ),
+    "bad size": (
+        QUOTAS.replace("    cost: images\n", "    cost: images\n    size_weights: {big: 2}\n"),
+        "q.yaml:15: routes[0].size_weights.big: sizes read WIDTHxHEIGHT, like 512x512",
+    ),
+    "zero weight": (
+        QUOTAS.replace("    cost: images\n", "    cost: images\n    size_weights: {512x512: 0}\n"),
+        "q.yaml:15: routes[0].size_weights.512x512: must be at least 1, got 0",
+    ),
     "pool for no route": (
         QUOTAS + "pools:\n  difusion: {max_in_flight: 8}\n",
         "q.yaml:16: pools.difusion: no route forwards to it; routes forward to: diffusion",
