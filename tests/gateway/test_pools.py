@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.config import PoolPolicy, parse_config
+from gateway.config import Config, PoolPolicy, parse_config
 from gateway.errors import BadGateway
 from gateway.forward import Forwarder
 from gateway.identity import KeyStore
@@ -216,3 +216,15 @@ async def test_a_backend_killed_mid_answer_cuts_it_short_and_is_refunded(redis_u
         _until(lambda: _refunded(registry) == 2, "the charge was not refunded")
         outcome = {"plan": "free", "route": PATH, "outcome": "upstream_error"}
         assert registry.get_sample_value("quotagate_requests_total", outcome) == 1
+
+
+async def test_an_upstream_past_its_read_timeout_is_a_502_and_refunded(
+    redis_url: str, upstream: StubUpstream, config: Config, free_key: str
+) -> None:
+    upstream.gate = threading.Event()  # never opened while the gateway waits: only its timeout ends the wait
+    registry = CollectorRegistry()
+    settings = settings_for(redis_url, upstream.url, upstream_read_timeout=0.2)
+    with TestClient(create_app(settings, config, registry=registry)) as client:
+        answer = _post(client, free_key, 3)
+    assert answer.status_code == 502 and "TimeoutError" in answer.json()["error"]["message"]
+    assert _refunded(registry) == 3
