@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,9 +22,9 @@ from gateway.config import Config, PoolPolicy, parse_config
 from gateway.errors import BadGateway
 from gateway.forward import Forwarder
 from gateway.identity import KeyStore
-from tests.ports import free_port
 
 from .conftest import QUOTAS, SECRET, StubUpstream, serve_in_thread, settings_for
+from .doomed_upstream import doomed
 
 pytestmark = pytest.mark.anyio
 
@@ -162,33 +160,9 @@ async def test_a_client_gone_before_the_answer_is_refunded(
             assert _post(again, free_key, n=3).status_code == 200  # all three images are still there
 
 
-@contextmanager
-def _doomed(mode: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.gateway.doomed_upstream", str(port), mode], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        _until(lambda: _listening(port), "the doomed upstream did not start")
-        yield process, f"http://127.0.0.1:{port}"
-    finally:
-        process.kill()
-        process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 async def test_a_backend_killed_before_it_answers_is_a_502_and_refunded(redis_url: str, free_key: str) -> None:
     registry = CollectorRegistry()
-    with _doomed("hold") as (backend, backend_url), ThreadPoolExecutor(1) as pool:
+    with doomed("hold") as (backend, backend_url), ThreadPoolExecutor(1) as pool:
         app = _app(redis_url, (backend_url,), registry)
         with TestClient(app) as client:  # type: ignore[arg-type]
             pending = pool.submit(_post, client, free_key, 2)
@@ -202,7 +176,7 @@ async def test_a_backend_killed_before_it_answers_is_a_502_and_refunded(redis_ur
 
 async def test_a_backend_killed_mid_answer_cuts_it_short_and_is_refunded(redis_url: str, free_key: str) -> None:
     registry = CollectorRegistry()
-    with _doomed("split") as (backend, backend_url), _gateway(redis_url, (backend_url,), registry) as url:
+    with doomed("split") as (backend, backend_url), _gateway(redis_url, (backend_url,), registry) as url:
         headers = {"Authorization": f"Bearer {free_key}"}
         async with (
             httpx.AsyncClient(base_url=url, timeout=HANG) as client,

@@ -1,4 +1,5 @@
-"""Two `quotagate serve` processes sharing one Redis, changed through the `quotagate` admin commands.
+"""Two `quotagate serve` processes sharing one Redis, changed through the `quotagate` admin commands,
+read by the official `openai` client, and in front of a backend killed mid-request.
 
 Each caches identities for an hour here, so only the invalidation can make a revocation or a plan
 change show; the test waits for it with a bound that only catches a hang.
@@ -12,16 +13,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import redis
 
 from gateway.embedded_redis import RedisServer
+from gateway.headers import DAILY_RESET_SPREAD_S
 from limits.nearcache import INVALIDATIONS
 
 from .conftest import QUOTAS, SECRET, StubUpstream
+from .doomed_upstream import doomed
 from .serve import gateway_processes
 
 BIN = Path(sys.executable).parent
@@ -102,3 +107,49 @@ def test_a_plan_change_reaches_every_gateway(
 
     _admin(admin_env, "plan", "set", "bob", "pro")
     _until_every(gateways, key, lambda answer: '"pro-rate"' in answer.headers["RateLimit-Policy"])
+
+
+def test_the_openai_client_gets_rate_limit_error_with_every_header_across_gateways(
+    gateways: list[str], admin_env: dict[str, str], redis_url: str, upstream: StubUpstream
+) -> None:
+    key = _admin(admin_env, "keys", "create", "cat", "--plan", "free")["key"]
+    clients = [openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=HANG) for url in gateways]
+    try:
+        for client in (clients[0], clients[1], clients[0]):  # the three free images, from either gateway
+            assert client.images.generate(prompt="x", n=1, response_format="b64_json").data
+        for client in clients:
+            with pytest.raises(openai.RateLimitError) as refused:
+                client.images.generate(prompt="x", n=1, response_format="b64_json")
+            assert refused.value.code == "insufficient_quota"
+            headers = refused.value.response.headers
+            reset = int(headers["RateLimit"].split('"free-daily";r=0;t=')[1].split(",")[0])
+            assert reset <= int(headers["Retry-After"]) <= reset + DAILY_RESET_SPREAD_S
+            assert '"free-daily";q=3;w=86400' in headers["RateLimit-Policy"]
+            assert (headers["x-ratelimit-limit-images"], headers["x-ratelimit-remaining-images"]) == ("3", "0")
+            assert headers["x-ratelimit-limit-requests"] == "10" and headers["x-ratelimit-reset-images"].endswith("s")
+    finally:
+        for client in clients:
+            client.close()
+    assert len(upstream.seen) == 3
+
+
+def test_a_backend_killed_mid_request_is_refunded_by_every_gateway(
+    admin_env: dict[str, str], redis_url: str, tmp_path: Path
+) -> None:
+    key = _admin(admin_env, "keys", "create", "dan", "--plan", "free")["key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    config = Path(admin_env["QUOTAGATE_CONFIG"])
+    with (
+        doomed("hold") as (backend, backend_url),
+        gateway_processes(2, config, redis_url, backend_url, tmp_path) as gws,
+    ):
+        with ThreadPoolExecutor(2) as pool:
+            body = {"prompt": "x", "n": 1}
+            pending = [pool.submit(httpx.post, gw.url + PATH, json=body, headers=auth, timeout=HANG) for gw in gws]
+            assert backend.stdout is not None
+            assert [backend.stdout.readline().strip() for _ in gws] == ["arrived", "arrived"]  # both charged, waiting
+            backend.kill()
+            answers = [p.result(timeout=HANG) for p in pending]
+        assert [(a.status_code, a.json()["error"]["code"]) for a in answers] == [(502, "upstream_error")] * 2
+        daily = httpx.get(f"{gws[1].url}/v1/quota", headers=auth).json()["limits"][1]
+    assert (daily["used"], daily["remaining"]) == (0, 3)  # both images given back
