@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from gateway.errors import ApiError
 
@@ -66,7 +67,11 @@ def since_ms(started: float) -> float:
 
 
 def logged(endpoint: Endpoint) -> Endpoint:
-    """`endpoint`, writing one line per request and answering every one with its `X-Request-Id`."""
+    """`endpoint`, writing one line per request and answering every one with its `X-Request-Id`.
+
+    A streamed answer (`StreamingResponse` and its kind) is logged once it has been sent, so the
+    line tells how it ended (a client gone, an upstream cut short) and the whole time it took.
+    """
 
     async def run(request: Request) -> Response:
         given = request.headers.get("x-request-id", "")
@@ -77,19 +82,8 @@ def logged(endpoint: Endpoint) -> Endpoint:
         )
         request.state.record = record
         started = time.perf_counter()
-        try:
-            response = await endpoint(request)
-        except ApiError as exc:
-            record.status = exc.status
-            raise
-        except Exception:
-            record.status, record.outcome = 500, record.outcome or "error"
-            raise
-        else:
-            record.status = response.status_code
-            response.headers["X-Request-Id"] = record.request_id
-            return response
-        finally:
+
+        def write() -> None:
             record.total_ms = since_ms(started)
             log.info(
                 "%s %s %s %s",
@@ -100,7 +94,44 @@ def logged(endpoint: Endpoint) -> Endpoint:
                 extra={"fields": record.fields()},
             )
 
+        try:
+            response = await endpoint(request)
+        except ApiError as exc:
+            record.status = exc.status
+            write()
+            raise
+        except Exception:
+            record.status, record.outcome = 500, record.outcome or "error"
+            write()
+            raise
+        except BaseException:  # cancelled
+            write()
+            raise
+        record.status = response.status_code
+        response.headers["X-Request-Id"] = record.request_id
+        if not hasattr(response, "body"):  # streamed: its end is still to come
+            return _LoggedOnceSent(response, write)
+        write()
+        return response
+
     return run
+
+
+class _LoggedOnceSent(Response):
+    """`inner`, sent as it is, then `write` called."""
+
+    def __init__(self, inner: Response, write: Callable[[], None]) -> None:
+        self.status_code = inner.status_code
+        self.raw_headers = inner.raw_headers
+        self.background = None
+        self._inner = inner
+        self._write = write
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._inner(scope, receive, send)
+        finally:
+            self._write()
 
 
 def prompt_of(body: bytes) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -174,7 +175,10 @@ async def test_a_backend_killed_before_it_answers_is_a_502_and_refunded(redis_ur
     assert _refunded(registry) == 2
 
 
-async def test_a_backend_killed_mid_answer_cuts_it_short_and_is_refunded(redis_url: str, free_key: str) -> None:
+async def test_a_backend_killed_mid_answer_cuts_it_short_and_is_refunded(
+    redis_url: str, free_key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="quotagate.request")
     registry = CollectorRegistry()
     with doomed("split") as (backend, backend_url), _gateway(redis_url, (backend_url,), registry) as url:
         headers = {"Authorization": f"Bearer {free_key}"}
@@ -190,6 +194,9 @@ async def test_a_backend_killed_mid_answer_cuts_it_short_and_is_refunded(redis_u
         _until(lambda: _refunded(registry) == 2, "the charge was not refunded")
         outcome = {"plan": "free", "route": PATH, "outcome": "upstream_error"}
         assert registry.get_sample_value("quotagate_requests_total", outcome) == 1
+    # The request's log line is written once the answer has ended, and says how it ended.
+    (line,) = [r for r in caplog.records if r.name == "quotagate.request"]
+    assert line.fields["outcome"] == "upstream_error" and line.fields["status"] == 200  # type: ignore[attr-defined]
 
 
 async def test_an_upstream_past_its_read_timeout_is_a_502_and_refunded(
