@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.accounts import Accounts, UnknownAccount
-from gateway.config import Config, load_config
+from gateway.config import Config, parse_config, read_config_text
 from gateway.errors import ApiError, BadRequest, ConfigError, NotFound, ServiceUnavailable, Unauthorized
 from gateway.errors import error_response as _error_response
 from gateway.identity import KeyStore
@@ -54,29 +54,22 @@ def check_token(token: str | None) -> bytes:
 
 
 class ConfigFile:
-    """The quota file as last read successfully; read again when it changes, kept when a new one is bad."""
+    """The quota file as last read successfully; read again at each call (admin calls are rare), kept when bad."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._stamp = self._stat()
-        self._config = load_config(path)
+        self._text = read_config_text(path)
+        self._config = parse_config(self._text, source=str(path))
 
     def __call__(self) -> Config:
-        stamp = self._stat()
-        if stamp != self._stamp:
-            self._stamp = stamp
-            try:
-                self._config = load_config(self._path)
-            except ConfigError as exc:
-                log.error("admin: quota file refused, version %s stays: %s", self._config.version, exc)
-        return self._config
-
-    def _stat(self) -> tuple[int, int]:
         try:
-            stat = self._path.stat()
-        except OSError:
-            return (0, 0)
-        return (stat.st_mtime_ns, stat.st_size)
+            text = read_config_text(self._path)
+            if text != self._text:
+                self._text = text
+                self._config = parse_config(text, source=str(self._path))
+        except ConfigError as exc:
+            log.error("admin: quota file refused, version %s stays: %s", self._config.version, exc)
+        return self._config
 
 
 Handler = Callable[[Request, Accounts, str], Awaitable[dict[str, Any]]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -178,3 +179,16 @@ def test_config_check_answers_in_json_too(tmp_path: Path, quotas: Path) -> None:
             assert json.loads(refused.stdout) == {"file": str(bad), "ok": False, "error": problem}
         else:
             assert refused.stderr.strip() == f"quotagate: {problem}"
+
+
+async def test_the_admin_api_follows_the_quota_file_and_keeps_the_last_good_one(
+    admin: TestClient, quotas: Path, accounts: dict[str, str]
+) -> None:
+    def daily_limit() -> object:
+        return _daily(admin.get("/v1/accounts/ann/usage", headers=AUTH).json())["limit"]
+
+    assert daily_limit() == 3
+    await asyncio.to_thread(quotas.write_text, QUOTAS.replace("daily_images: 3", "daily_images: 5"))
+    assert daily_limit() == 5
+    await asyncio.to_thread(quotas.write_text, "plans: [not a quota file\n")
+    assert daily_limit() == 5

@@ -78,8 +78,18 @@ async def test_a_scrape_counts_every_workers_requests(gateway: tuple[str, Path],
                 break
         by_worker = _allowed_by_worker(metrics_dir)
         assert len([c for c in by_worker if c]) == 2 and sum(by_worker) == sent, by_worker
-        scrapes = [_scraped_allowed((await client.get("/metrics")).text) for _ in range(6)]
-    assert scrapes == [sent] * 6
+        texts = [(await client.get("/metrics")).text for _ in range(6)]
+    assert [_scraped_allowed(text) for text in texts] == [sent] * 6
+    # Gauges are combined too (not one series per worker): the version in force, nothing in flight.
+    gauges = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(texts[-1])
+        if family.type == "gauge"
+        for sample in family.samples
+    }
+    assert not [labels for _, labels in gauges if "pid" in dict(labels)]
+    assert [v for (name, _), v in gauges.items() if name == "quotagate_config_version_info"] == [1.0]
+    assert gauges[("quotagate_in_flight_requests", (("plan", "pro"),))] == 0.0
     assert not (metrics_dir / "counter_1.db").exists()
 
 
