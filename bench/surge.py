@@ -10,7 +10,7 @@ bounded queue, 503 past it). The load generator, on the second core:
   paid   PAID_ACCOUNTS accounts sending PAID_RPS requests a second in all, open loop (on a schedule,
          whatever the answers), first alone for BASELINE seconds (the unloaded p99), then throughout;
   free   ACCOUNTS new accounts arriving evenly over WINDOW seconds, each trying 5 images one after
-         the other (the plan allows 3 a day).
+         the other (the plan allows 3 a day), waiting out the Retry-After of a 503 before the next.
 
 Every answer is counted per second and plan as admitted (200), shed (503: the gateway or the service
 turned it away for lack of capacity), rejected (429: a quota or rate limit) or failed (anything else).
@@ -49,6 +49,7 @@ from tests.ports import free_port  # noqa: E402
 
 PATH = "/v1/images/generations"
 TRIES = 5
+MAX_RETRY_AFTER = 10.0  # seconds a free client waits at most when told to come back later
 QUOTAS = """\
 timezone: UTC
 plans:
@@ -82,17 +83,20 @@ class Recorder:
         self.codes[f"{plan} {status} {code}"] += 1
 
 
-async def request(session: aiohttp.ClientSession, url: str, key: str, plan: str, record: Recorder) -> None:
+async def request(session: aiohttp.ClientSession, url: str, key: str, plan: str, record: Recorder) -> float:
+    """Send one request and record its answer; the Retry-After of a 503, in seconds (0 otherwise)."""
     sent = time.monotonic()
+    headers = {"Authorization": f"Bearer {key}"}
     try:
-        async with session.post(
-            url + PATH, json={"prompt": "launch day"}, headers={"Authorization": f"Bearer {key}"}
-        ) as r:
-            payload = await r.json(content_type=None)
+        async with session.post(url + PATH, json={"prompt": "launch day"}, headers=headers) as answer:
+            payload = await answer.json(content_type=None)
             code = (payload.get("error") or {}).get("code") if isinstance(payload, dict) else None
-            record.add(plan, r.status, code, sent)
+            record.add(plan, answer.status, code, sent)
+            retry_after = answer.headers.get("Retry-After", "")
+            return float(retry_after) if answer.status == 503 and retry_after.isdigit() else 0.0
     except (aiohttp.ClientError, TimeoutError) as exc:
         record.add(plan, 0, type(exc).__name__, sent)
+        return 0.0
 
 
 async def paid_load(session: aiohttp.ClientSession, url: str, keys: list[str], rps: float, until: asyncio.Event,
@@ -110,8 +114,9 @@ async def paid_load(session: aiohttp.ClientSession, url: str, keys: list[str], r
 
 
 async def free_account(session: aiohttp.ClientSession, url: str, key: str, record: Recorder) -> None:
+    """Five tries, one after the other; after a 503 the client waits its Retry-After, as OpenAI's client does."""
     for _ in range(TRIES):
-        await request(session, url, key, "free", record)
+        await asyncio.sleep(min(await request(session, url, key, "free", record), MAX_RETRY_AFTER))
 
 
 async def free_surge(
