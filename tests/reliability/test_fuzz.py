@@ -28,7 +28,7 @@ from .conftest import PATH, QUOTAS, create_key, images_used
 from .processes import Service, ServiceSet
 
 # Bounded: the whole file runs in seconds. No example database: every run starts fresh and the same.
-FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture
@@ -174,7 +174,7 @@ def test_backend_openapi_cases_get_no_5xx_and_the_backend_stays_up(services: Ser
     tally: Counter[str] = Counter()
 
     def fuzz(mode: GenerationMode) -> None:
-        @settings(FUZZ, max_examples=40)
+        @settings(FUZZ, max_examples=25)
         @given(case=schema.as_strategy(generation_mode=mode))
         def call(case: schemathesis.Case) -> None:
             answer = case.call(base_url=backend.url, timeout=60)
