@@ -3,7 +3,8 @@
 Redis here runs as `quotagate up` runs it: `appendonly yes`, `appendfsync everysec`. A crash can lose
 what was written since the last fsync: about one second of charges, and up to two when an fsync is
 slow (Redis then postpones the next one). Nothing older may be lost, no request may hang while Redis
-is down, and the gateway must admit again within 2 s of Redis answering.
+is down, each plan's `on_store_failure` (closed, or open within its budget) must be what happens,
+and the gateway must admit again within 2 s of Redis answering.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from redis.asyncio import Redis
 from gateway.embedded_redis import RedisServer
 from tests.ports import free_port
 
-from .conftest import PATH, create_key, images_used
+from .conftest import PATH, QUOTAS, create_key, images_used
 from .processes import Service, ServiceSet
 
 pytestmark = pytest.mark.anyio
@@ -30,6 +31,12 @@ WORKERS = 8
 FSYNC_WINDOW = 2.0  # seconds of writes a crash may lose (everysec, plus one postponed fsync)
 ANSWER_WITHIN = 5.0  # no request may take longer while Redis is down (the Redis timeout is 0.5 s)
 RECOVER_WITHIN = 2.0
+BUDGET = "{images: 30, per: minute, burst: 10}"  # what an `open` plan may admit per replica without Redis
+BUDGET_BURST, BUDGET_PER_S = 10, 0.5
+FAILURE_MODES = {
+    "closed": "    on_store_failure: closed\n",
+    "open": f"    on_store_failure: open\n    store_failure_budget: {BUDGET}\n",
+}
 
 
 async def send(session: aiohttp.ClientSession, gateway: Service) -> tuple[int, float, str | None]:
@@ -63,9 +70,12 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.mark.parametrize("mode", FAILURE_MODES)
 async def test_redis_killed_mid_load_loses_at_most_the_fsync_window_and_recovers_within_two_seconds(
-    services: ServiceSet, quotas: Path, redis: RedisServer
+    services: ServiceSet, quotas: Path, redis: RedisServer, mode: str
 ) -> None:
+    daily = "    daily_images: 100000\n"
+    await asyncio.to_thread(quotas.write_text, QUOTAS.replace(daily, daily + FAILURE_MODES[mode]))
     stub = services.stub_upstream()
     gateway = services.gateway("gateway", quotas, redis.url, stub.url)
     stub.wait_ready()
@@ -90,9 +100,18 @@ async def test_redis_killed_mid_load_loses_at_most_the_fsync_window_and_recovers
         killed_at = time.monotonic()
         redis.kill()
 
-        # Down: every request is answered, at once, with a 503 that says why.
+        # Down: every request is answered at once. `closed` refuses all with a 503 that says why; `open`
+        # admits what its budget allows in this replica (never charged in Redis), then refuses too.
+        down_at = time.monotonic()
         down = await asyncio.gather(*(send(session, gateway) for _ in range(WORKERS * 10)))
-        assert Counter((status, code) for status, _, code in down) == {(503, "service_unavailable"): len(down)}
+        down_for = time.monotonic() - down_at
+        outcomes = Counter((status, code) for status, _, code in down)
+        admitted_while_down = outcomes.pop((200, None), 0)
+        assert outcomes == {(503, "service_unavailable"): len(down) - admitted_while_down}
+        if mode == "closed":
+            assert admitted_while_down == 0
+        else:
+            assert BUDGET_BURST <= admitted_while_down <= BUDGET_BURST + 1 + int(down_for * BUDGET_PER_S)
         assert max(seconds for _, seconds, _ in down) < ANSWER_WITHIN
 
         redis.start()  # the same directory: the AOF is replayed
