@@ -132,12 +132,12 @@ async def free_surge(
 
 
 async def make_keys(redis_url: str, plan: str, count: int) -> list[str]:
-    redis = connect(redis_url)
+    redis = connect(redis_url, timeout=30.0)  # patient: the machine may be busy, and this is set-up
     store = KeyStore(redis, SECRET.encode())
     keys: list[str] = []
     try:
-        for start in range(0, count, 500):
-            batch = range(start, min(start + 500, count))
+        for start in range(0, count, 100):
+            batch = range(start, min(start + 100, count))
             keys += await asyncio.gather(*(store.create_key(f"{plan}-{i}", plan) for i in batch))
     finally:
         await redis.aclose()
