@@ -79,12 +79,18 @@ class ServiceSet:
         return service
 
     def gateway(
-        self, name: str, config: Path, redis_url: str, upstream: str, env: dict[str, str] | None = None
+        self,
+        name: str,
+        config: Path,
+        redis_url: str,
+        upstream: str,
+        env: dict[str, str] | None = None,
+        *extra: str,
     ) -> Service:
         """`quotagate serve` on a free port (not yet awaited: call wait_ready, or start several first)."""
         port = free_port()
         command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--redis-url", redis_url]
-        command += ["--upstream", f"diffusion={upstream}", "--port", str(port)]
+        command += ["--upstream", f"diffusion={upstream}", "--port", str(port), *extra]
         return self.spawn(name, command, port, {"QUOTAGATE_KEY_SECRET": SECRET, **(env or {})})
 
     def stub_upstream(self, name: str = "stub") -> Service:

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.ports import free_port
+
 from .conftest import PATH, create_key
 from .processes import ServiceSet
 
@@ -95,3 +97,41 @@ async def test_no_key_or_secret_is_logged_on_any_path(services: ServiceSet, quot
     request_lines = [line for line in gateway.log.read_text().splitlines() if line.startswith("{")]
     assert len(request_lines) >= len(statuses), gateway.log.read_text()
     # The services fixture now reads every line of every log for the keys, the secret halves and SECRET.
+
+
+async def test_the_admin_api_refuses_without_its_token_and_is_not_on_the_public_port(
+    services: ServiceSet, quotas: Path, redis_url: str
+) -> None:
+    token, wrong = "admin-token-of-at-least-16-bytes", "admin-token-that-is-not-the-one"
+    services.secrets += [token, wrong]
+    admin_port = free_port()
+    stub = services.stub_upstream()
+    gateway = services.gateway(
+        "gateway", quotas, redis_url, stub.url, {"QUOTAGATE_ADMIN_TOKEN": token}, "--admin-port", str(admin_port)
+    )
+    stub.wait_ready()
+    gateway.wait_ready()
+    key = await create_key(services, redis_url, "alice", "free")
+    admin = f"http://127.0.0.1:{admin_port}"
+    usage, grant = "/v1/accounts/alice/usage", "/v1/accounts/alice/grant"
+
+    async with httpx.AsyncClient() as client:
+        assert (await client.post(gateway.url + PATH, json=BODY, headers={"Authorization": f"Bearer {key}"})).is_success
+        refused = [
+            await client.get(admin + usage),
+            await client.get(admin + usage, headers={"Authorization": f"Bearer {wrong}"}),
+            await client.get(admin + usage, headers={"Authorization": token}),
+            await client.post(admin + grant, json={"images": 5}, headers={"Authorization": f"Bearer {wrong}"}),
+        ]
+        public = [
+            await client.get(gateway.url + usage, headers={"Authorization": f"Bearer {token}"}),
+            await client.post(gateway.url + grant, json={"images": 5}, headers={"Authorization": f"Bearer {token}"}),
+        ]
+        allowed = await client.get(admin + usage, headers={"Authorization": f"Bearer {token}"})
+
+    assert [answer.status_code for answer in refused] == [401, 401, 401, 401]
+    assert all(answer.json()["error"]["message"] for answer in refused)
+    assert [answer.status_code for answer in public] == [404, 404]
+    assert allowed.status_code == 200
+    daily = next(limit for limit in allowed.json()["limits"] if limit["kind"] == "daily")
+    assert daily["remaining"] == 2  # the refused grant gave nothing
