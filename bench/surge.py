@@ -14,6 +14,9 @@ bounded queue, 503 past it). The load generator, on the second core:
 
 Every answer is counted per second and plan as admitted (200), shed (503: the gateway or the service
 turned it away for lack of capacity), rejected (429: a quota or rate limit) or failed (anything else).
+The gateway bounds what it forwards to the service (`pools: diffusion: max_in_flight`, default 8 here:
+twice the service's slots) and keeps `reserved_for_paid` of it (0.5) for paid plans, so free requests
+are shed at the gateway with a jittered Retry-After before they cost a Redis decision.
 The goal: the paid p99 stays within 2x its unloaded value while free traffic is shed.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import statistics
@@ -65,6 +69,10 @@ routes:
   - path: /v1/images/generations
     upstream: diffusion
     cost: images
+pools:
+  diffusion:
+    max_in_flight: MAX_IN_FLIGHT
+    reserved_for_paid: RESERVED_FOR_PAID
 """
 
 
@@ -187,7 +195,8 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         f"{s['accounts']:,} free accounts over {s['window']:.0f} s, {TRIES} tries each; {s['paid_rps']:.0f} paid "
         f"requests/s; image service: {s['slots']} at a time, {s['service_ms']:.0f} ms each "
-        f"({s['slots'] * 1000 / s['service_ms']:.0f} images/s), queue {s['queue']}. {results['pinning']}.",
+        f"({s['slots'] * 1000 / s['service_ms']:.0f} images/s), queue {s['queue']}; gateway pool bound "
+        f"{s['max_in_flight']}, {s['reserved']:.0%} kept for paid. {results['pinning']}.",
         "",
         "| plan | admitted | shed (503) | rejected (429) | failed |",
         "|---|---:|---:|---:|---:|",
@@ -240,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=4, help="images the service makes at a time")
     parser.add_argument("--service-ms", type=float, default=20.0, help="ms per image")
     parser.add_argument("--queue", type=int, default=64, help="requests the service lets wait")
+    parser.add_argument("--max-in-flight", type=int, default=8, help="the gateway's bound on the pool (default 8)")
+    parser.add_argument("--reserved", type=float, default=0.5, help="share of it kept for paid plans (default 0.5)")
     parser.add_argument("--connections", type=int, default=2000, help="client connections at most")
     parser.add_argument("--quick", action="store_true", help="10,000 accounts over 60 s: to try the bench")
     args = parser.parse_args(argv)
@@ -262,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                             "servers:capacity_app", env=service_env)  # fmt: skip
             processes.append(service)
             quotas = Path(tmp) / "quotas.yaml"
-            quotas.write_text(QUOTAS)
+            pool = {"MAX_IN_FLIGHT": str(args.max_in_flight), "RESERVED_FOR_PAID": str(args.reserved)}
+            quotas.write_text(functools.reduce(lambda text, item: text.replace(*item), pool.items(), QUOTAS))
             gateway = spawn(
                 server_core, sys.executable, "-m", "gateway.cli", "serve", "--config", str(quotas),
                 "--redis-url", redis.url, "--upstream", f"diffusion=http://127.0.0.1:{service_port}",
