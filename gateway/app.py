@@ -133,7 +133,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             forwarder=forwarder,
             metrics=metrics,
             peers=TrustedProxies(settings.trusted_proxies),
-            auth_guard=FailedAuthGuard(engine, settings.auth_failures_per_minute),
+            auth_guard=FailedAuthGuard(engine, settings.auth_failures_per_minute, breaker=breaker),
             store=StoreGuard(engine, metrics, breaker, LocalBudget()),
             shedder=Shedder(),
         )

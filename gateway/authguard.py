@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 
 from gateway.errors import RateLimited
-from limits import Bucket, Engine, LimitsError, LimitSet
+from gateway.storefailure import CircuitBreaker
+from limits import Bucket, Engine, LimitsError, LimitSet, StoreUnavailable
 
 log = logging.getLogger("quotagate.authguard")
 
@@ -23,9 +24,16 @@ class FailedAuthGuard:
     """Blocks addresses that fail to authenticate more than `per_minute` times a minute (0: never)."""
 
     def __init__(
-        self, engine: Engine, per_minute: int, *, size: int = 100_000, clock: Callable[[], float] = time.monotonic
+        self,
+        engine: Engine,
+        per_minute: int,
+        *,
+        breaker: CircuitBreaker | None = None,
+        size: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
+        self._breaker = breaker or CircuitBreaker()
         self._limits = (
             LimitSet(
                 buckets=(
@@ -52,13 +60,17 @@ class FailedAuthGuard:
 
     async def failed(self, address: str, *, now: float | None = None) -> RateLimited | None:
         """Count one failure of `address`; the refusal to answer instead if it is now blocked."""
-        if self._limits is None:
+        # While Redis is failing, failures go uncounted rather than each waiting on a dead Redis.
+        if self._limits is None or not self._breaker.allow():
             return None
         try:
             decision = await self._engine.decide(f"ip:{address}", self._limits, 1, now=now)
         except LimitsError as exc:
+            if isinstance(exc, StoreUnavailable):
+                self._breaker.failed()
             log.warning("could not count a failed authentication (%s)", exc)
             return None
+        self._breaker.succeeded()
         wait = decision.retry_after
         if decision.allowed or wait is None:
             return None

@@ -9,10 +9,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.caller import identify
-from gateway.errors import Forbidden, ServiceUnavailable
+from gateway.errors import Forbidden
 from gateway.headers import rate_limit_headers
 from gateway.usage import limits_view
-from limits import LimitsError
 
 if TYPE_CHECKING:
     from gateway.app import Services
@@ -25,11 +24,6 @@ async def quota(request: Request) -> Response:
     plan = services.config.plan_at(identity.plan, time.time())
     if plan is None:
         raise Forbidden(f"This account's plan {identity.plan!r} is not offered; contact support.")
-    try:
-        decision, used = await services.engine.usage(identity.account, plan.limits)
-    except LimitsError as exc:
-        raise ServiceUnavailable(
-            "The quota service is unavailable; retry shortly.", headers={"Retry-After": "1"}
-        ) from exc
+    decision, used = await services.store.usage(identity.account, plan)
     body = {"object": "quota", "account": identity.account, "plan": plan.name, "limits": limits_view(decision, used)}
     return JSONResponse(body, headers=rate_limit_headers(plan.limits, decision))

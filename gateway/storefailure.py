@@ -141,6 +141,25 @@ class StoreGuard:
         self._without_store(plan, cost, None)
         return None
 
+    async def usage(self, account: str, plan: Plan) -> tuple[Decision, dict[str, int]]:
+        """The engine's `usage` behind the breaker; ServiceUnavailable if Redis cannot answer."""
+        if self.breaker.allow():
+            try:
+                answer = await self._engine.usage(account, plan.limits)
+            except StoreUnavailable as exc:
+                self.breaker.failed()
+                self._metrics.redis_errors.labels("decide").inc()
+                raise self._unavailable() from exc
+            self.breaker.succeeded()
+            return answer
+        raise self._unavailable()
+
+    def _unavailable(self) -> ServiceUnavailable:
+        wait = max(self.breaker.retry_after(), 1.0)
+        return ServiceUnavailable(
+            "The quota service is unavailable; retry shortly.", headers={"Retry-After": str(math.ceil(wait))}
+        )
+
     async def refund(self, account: str, plan: Plan, decision: Decision) -> bool:
         """Give back what `decision` took; False if Redis could not be reached (the images stay charged)."""
         if not self.breaker.allow():

@@ -260,6 +260,9 @@ async def test_a_hung_redis_costs_requests_a_timeout_at_most_then_the_breaker_an
                 assert closed == [503] * 6 and opened == [200] * 3, gateway.logged()
                 assert gateway.metric("quotagate_store_circuit_open") == 1
                 assert (await client.get(f"{gateway.url}/readyz")).status_code == 503
+                headers = {"Authorization": f"Bearer {keys['free']}"}
+                quota = await client.get(f"{gateway.url}/v1/quota", headers=headers)
+                assert quota.status_code == 503 and int(quota.headers["Retry-After"]) >= 1
             finally:
                 own_redis.resume()
             deadline = time.monotonic() + RECOVER_WITHIN
