@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 
 from gateway.errors import ConfigError
-from limits import PERIODS, Bucket, DailyQuota, LimitSet
+from limits import MAX_RATE_PER_S, PERIODS, Bucket, DailyQuota, LimitSet
 
 MAX_IMAGES_PER_REQUEST = 10  # the OpenAI Images API's bound on `n`
 
@@ -220,12 +220,14 @@ class _Reader:
             return node
         return self._constructor.construct_object(node, deep=True)
 
-    def integer(self, node: yaml.Node, field: str, *, minimum: int) -> int:
+    def integer(self, node: yaml.Node, field: str, *, minimum: int, maximum: int | None = None) -> int:
         value = self.scalar(node)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(node, field, f"expected a whole number, got {_show(value)}")
         if value < minimum:
             raise self.error(node, field, f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.error(node, field, f"must be at most {maximum:,}, got {value:,}")
         return value
 
     def string(self, node: yaml.Node, field: str) -> str:
@@ -308,7 +310,8 @@ class _Reader:
         return Bucket(
             name=f"{plan}-rate",
             counter="rate",
-            rate=self.integer(rate["images"], f"{field}.images", minimum=1),
+            # The engine counts time in microseconds: at most one unit per microsecond.
+            rate=self.integer(rate["images"], f"{field}.images", minimum=1, maximum=PERIODS[per] * MAX_RATE_PER_S),
             period=PERIODS[per],
             burst=self.integer(rate["burst"], f"{field}.burst", minimum=1),
         )

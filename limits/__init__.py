@@ -6,10 +6,11 @@ It knows nothing of HTTP: callers pass an account, the limits that apply and a c
 from limits.decision import Decision, LimitState
 from limits.engine import Engine
 from limits.errors import ClockSkew, LimitsError, StoreUnavailable
-from limits.policy import PERIODS, Bucket, DailyQuota, Limit, LimitSet
+from limits.policy import MAX_RATE_PER_S, PERIODS, Bucket, DailyQuota, Limit, LimitSet
 from limits.store import RedisClient, connect
 
 __all__ = [
+    "MAX_RATE_PER_S",
     "PERIODS",
     "Bucket",
     "ClockSkew",

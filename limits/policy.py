@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 PERIODS: dict[str, int] = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+# The scripts count time in whole microseconds, so a bucket refills at most one unit per microsecond.
+MAX_RATE_PER_S = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +27,8 @@ class Bucket:
     def __post_init__(self) -> None:
         if self.rate < 1 or self.period < 1 or self.burst < 1:
             raise ValueError(f"bucket {self.name!r}: rate, period and burst must be at least 1")
+        if self.rate > self.period * MAX_RATE_PER_S:
+            raise ValueError(f"bucket {self.name!r}: at most {MAX_RATE_PER_S:,} units per second")
 
     @property
     def interval_us(self) -> int:

@@ -101,6 +101,10 @@ BAD = {
         QUOTAS.replace("per: minute, burst: 10", "per: fortnight, burst: 10"),
         "q.yaml:6: plans.free.rate.per: expected one of second, minute, hour, day, got 'fortnight'",
     ),
+    "a rate past one image per microsecond": (
+        QUOTAS.replace("rate: {images: 60, per: minute", "rate: {images: 1000001, per: second"),
+        "q.yaml:6: plans.free.rate.images: must be at most 1,000,000, got 1,000,001",
+    ),
     "zero burst": (
         QUOTAS.replace("burst: 10", "burst: 0"),
         "q.yaml:6: plans.free.rate.burst: must be at least 1, got 0",

@@ -125,3 +125,10 @@ async def test_refusal_names_the_limit_that_keeps_the_client_waiting_longest(red
     refused = await engine.decide("kim", limits, 1, now=NOON)  # both the bucket and the day refuse
     assert refused.denied_by is not None and refused.denied_by.limit.name == "free-daily"
     assert refused.retry_after == pytest.approx(12 * 3600)
+
+
+def test_a_bucket_faster_than_one_unit_per_microsecond_is_refused() -> None:
+    # The scripts count in whole microseconds: such a bucket would refill in 0 µs and expire at once.
+    assert Bucket("fast", "rate", rate=1_000_000, period=1, burst=1).interval_us == 1
+    with pytest.raises(ValueError, match="at most 1,000,000 units per second"):
+        Bucket("faster", "rate", rate=1_000_001, period=1, burst=1)
