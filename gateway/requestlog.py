@@ -52,13 +52,18 @@ class RequestRecord:
 
     def fields(self) -> dict[str, Any]:
         """The record as log fields, milliseconds rounded to µs."""
-        out = dataclasses.asdict(self)
+        # Read the slots directly: dataclasses.asdict deep-copies every value, which cost ~10 % of a
+        # proxied request's CPU in a profile of the gateway under wrk.
+        out = {name: getattr(self, name) for name in _FIELDS}
         for name in ("decision_ms", "upstream_ms", "total_ms"):
             if out[name] is not None:
                 out[name] = round(out[name], 3)
         if out["prompt"] is None:
             del out["prompt"]
         return out
+
+
+_FIELDS = tuple(field.name for field in dataclasses.fields(RequestRecord))
 
 
 def since_ms(started: float) -> float:
