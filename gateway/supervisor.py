@@ -33,17 +33,6 @@ PROXY_HEADERS = False
 
 def serve(*, host: str, port: int, workers: int) -> None:
     """Serve `gateway.app:app_from_env` until SIGINT or SIGTERM."""
-    if workers == 1:  # one process: it takes SIGHUP itself
-        uvicorn.run(
-            "gateway.app:app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            proxy_headers=PROXY_HEADERS,
-            access_log=False,
-            log_level="warning",
-        )
-        return
     config = uvicorn.Config(
         "gateway.app:app_from_env",
         factory=True,
@@ -54,4 +43,7 @@ def serve(*, host: str, port: int, workers: int) -> None:
         access_log=False,
         log_level="warning",
     )
+    if workers == 1:  # one process: it takes SIGHUP itself
+        uvicorn.Server(config).run()
+        return
     _ReloadingSupervisor(config, sockets=[config.bind_socket()]).run()
