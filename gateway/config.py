@@ -94,6 +94,11 @@ class Config:
     routes: Mapping[str, Route]  # by path
     overrides: Mapping[str, Override] = field(default_factory=lambda: MappingProxyType({}))  # by plan name
     pools: Mapping[str, PoolPolicy] = field(default_factory=lambda: MappingProxyType({}))  # by upstream pool name
+    # The priority shed first when a pool is full; worked out once per load, not per request.
+    lowest_priority: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lowest_priority", min((p.priority for p in self.plans.values()), default=0))
 
     def pool(self, name: str) -> PoolPolicy:
         """The policy of the upstream pool `name` (the defaults if the file names none)."""

@@ -65,7 +65,7 @@ async def proxy(request: Request) -> Response:
             record.prompt = prompt_of(body)
         record.cost = cost = request_cost(route, body)
         # Shed before the decision, so a shed request costs no quota.
-        lowest = plan.priority <= min(p.priority for p in config.plans.values())
+        lowest = plan.priority <= config.lowest_priority
         services.shedder.check(route.upstream, config.pool(route.upstream), lowest_priority=lowest)
         idempotency_key = request.headers.get("idempotency-key")
         started = time.perf_counter()

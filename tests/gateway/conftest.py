@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 
 import pytest
@@ -135,6 +136,14 @@ def upstream(_stub_server: StubUpstream) -> Iterator[StubUpstream]:
 @pytest.fixture
 def config() -> Config:
     return parse_config(QUOTAS, source="quotas.yaml")
+
+
+@pytest.fixture
+def quota_file(tmp_path: Path) -> Path:
+    """QUOTAS in a file, for gateways that read (and reload) it."""
+    path = tmp_path / "quotas.yaml"
+    path.write_text(QUOTAS)
+    return path
 
 
 def settings_for(redis_url: str, upstream_url: str, **overrides: object) -> Settings:

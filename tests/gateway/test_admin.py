@@ -32,15 +32,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
-def quotas(tmp_path: Path) -> Path:
-    path = tmp_path / "quotas.yaml"
-    path.write_text(QUOTAS)
-    return path
-
-
-@pytest.fixture
-def admin(redis_url: str, quotas: Path) -> Iterator[TestClient]:
-    settings = settings_for(redis_url, "http://127.0.0.1:9", config_path=quotas)
+def admin(redis_url: str, quota_file: Path) -> Iterator[TestClient]:
+    settings = settings_for(redis_url, "http://127.0.0.1:9", config_path=quota_file)
     with TestClient(create_admin_app(settings, TOKEN.encode())) as client:
         yield client
 
@@ -105,13 +98,13 @@ async def test_no_token_no_answer(admin: TestClient, accounts: dict[str, str], h
 
 
 async def test_the_admin_api_has_its_own_port_and_never_the_public_one(
-    tmp_path: Path, quotas: Path, redis_url: str, upstream: StubUpstream, accounts: dict[str, str]
+    tmp_path: Path, quota_file: Path, redis_url: str, upstream: StubUpstream, accounts: dict[str, str]
 ) -> None:
     admin_port = free_port()
     args = ("--admin-port", str(admin_port))
-    with gateway_processes(1, quotas, redis_url, upstream.url, tmp_path, args=args, QUOTAGATE_ADMIN_TOKEN=TOKEN) as (
-        gateway,
-    ):
+    with gateway_processes(
+        1, quota_file, redis_url, upstream.url, tmp_path, args=args, QUOTAGATE_ADMIN_TOKEN=TOKEN
+    ) as (gateway,):
         async with httpx.AsyncClient() as client:
             admin_url = f"http://127.0.0.1:{admin_port}"
             assert (await client.get(f"{admin_url}/v1/accounts/ann/usage", headers=AUTH)).json()["plan"] == "free"
@@ -124,9 +117,9 @@ async def test_the_admin_api_has_its_own_port_and_never_the_public_one(
     assert TOKEN not in gateway.logged()
 
 
-def test_an_admin_port_without_a_token_is_refused_at_start(quotas: Path, redis_url: str) -> None:
+def test_an_admin_port_without_a_token_is_refused_at_start(quota_file: Path, redis_url: str) -> None:
     refused = _quotagate(
-        "serve", "--config", str(quotas), "--redis-url", redis_url, "--upstream", "diffusion=http://127.0.0.1:9",
+        "serve", "--config", str(quota_file), "--redis-url", redis_url, "--upstream", "diffusion=http://127.0.0.1:9",
         "--admin-port", "0", env={"QUOTAGATE_ADMIN_TOKEN": "short"},
     )  # fmt: skip
     assert refused.returncode == 1
@@ -141,10 +134,10 @@ def _quotagate(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 
 
 async def test_usage_grant_and_reset_commands(
-    quotas: Path, redis_url: str, redis_client: Redis, accounts: dict[str, str]
+    quota_file: Path, redis_url: str, redis_client: Redis, accounts: dict[str, str]
 ) -> None:
     await _spend(redis_client, "ann", 3)
-    target = ("--redis-url", redis_url, "--config", str(quotas))
+    target = ("--redis-url", redis_url, "--config", str(quota_file))
     usage = json.loads(_quotagate("usage", "ann", *target, "--json").stdout)
     assert _daily(usage)["remaining"] == 0
     granted = json.loads(_quotagate("grant", "ann", "2", *target, "--json").stdout)
@@ -159,11 +152,11 @@ async def test_usage_grant_and_reset_commands(
     assert pro.returncode == 1 and "the pro plan has no daily limit" in pro.stderr
 
 
-def test_config_check_answers_in_json_too(tmp_path: Path, quotas: Path) -> None:
-    ok = _quotagate("config", "check", str(quotas), "--json")
+def test_config_check_answers_in_json_too(tmp_path: Path, quota_file: Path) -> None:
+    ok = _quotagate("config", "check", str(quota_file), "--json")
     assert ok.returncode == 0
     assert json.loads(ok.stdout) | {"version": ""} == {
-        "file": str(quotas),
+        "file": str(quota_file),
         "ok": True,
         "version": "",
         "plans": ["free", "pro"],
@@ -182,13 +175,13 @@ def test_config_check_answers_in_json_too(tmp_path: Path, quotas: Path) -> None:
 
 
 async def test_the_admin_api_follows_the_quota_file_and_keeps_the_last_good_one(
-    admin: TestClient, quotas: Path, accounts: dict[str, str]
+    admin: TestClient, quota_file: Path, accounts: dict[str, str]
 ) -> None:
     def daily_limit() -> object:
         return _daily(admin.get("/v1/accounts/ann/usage", headers=AUTH).json())["limit"]
 
     assert daily_limit() == 3
-    await asyncio.to_thread(quotas.write_text, QUOTAS.replace("daily_images: 3", "daily_images: 5"))
+    await asyncio.to_thread(quota_file.write_text, QUOTAS.replace("daily_images: 3", "daily_images: 5"))
     assert daily_limit() == 5
-    await asyncio.to_thread(quotas.write_text, "plans: [not a quota file\n")
+    await asyncio.to_thread(quota_file.write_text, "plans: [not a quota file\n")
     assert daily_limit() == 5

@@ -38,13 +38,6 @@ def with_free_daily(images: int) -> str:
 
 
 @pytest.fixture
-def quota_file(tmp_path: Path) -> Path:
-    path = tmp_path / "quotas.yaml"
-    path.write_text(QUOTAS)
-    return path
-
-
-@pytest.fixture
 def registry() -> CollectorRegistry:
     return CollectorRegistry()
 
