@@ -1,4 +1,8 @@
-"""Build the gateway's ASGI app: clients are made in lifespan and reached through app state."""
+"""Build the gateway's ASGI app: clients are made in lifespan and reached through app state.
+
+Requests for a configured route take the hot path (gateway/proxy.py) in plain ASGI; health,
+metrics, `/v1/quota`, unknown paths and the lifespan are Starlette's.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +25,11 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from gateway.authguard import FailedAuthGuard
 from gateway.config import Config, load_config
-from gateway.errors import ApiError, ConfigError, handle_api_error
+from gateway.errors import ApiError, ConfigError, NotFound, handle_api_error
 from gateway.forward import Forwarder
 from gateway.identity import KeyStore
 from gateway.logs import configure_logging
@@ -76,7 +81,24 @@ def check_upstreams(settings: Settings, config: Config) -> None:
             )
 
 
-def create_app(settings: Settings, config: Config, *, registry: CollectorRegistry | None = None) -> Starlette:
+class Gateway:
+    """The ASGI app: a proxied route's request goes to `proxy`, anything else to the Starlette app."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+        self.state = app.state  # `services`, once the lifespan has started
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in PROXIED_METHODS:
+            services: Services = self.state.services
+            route = services.config.routes.get(scope["path"])
+            if route is not None:
+                await proxy(services, route, scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings, config: Config, *, registry: CollectorRegistry | None = None) -> Gateway:
     """The gateway for `settings` and `config`; metrics go to `registry` (a fresh one if None)."""
     check_upstreams(settings, config)
     metrics = GatewayMetrics(registry or CollectorRegistry())
@@ -175,6 +197,9 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         # The worker's pid tells ops (and tests) which of several uvicorn workers answered.
         return JSONResponse({"status": "ready", "config_version": version, "worker": os.getpid()})
 
+    async def not_found(request: Request) -> Response:
+        raise NotFound(f"No route for {request.method} {request.url.path}.")
+
     async def metrics_endpoint(request: Request) -> Response:
         return Response(render(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -184,12 +209,12 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         Route("/metrics", metrics_endpoint),
         Route("/openapi.json", openapi_endpoint),
         Route("/v1/quota", logged(quota), methods=["GET"]),
-        Route("/{path:path}", logged(proxy), methods=PROXIED_METHODS),
+        Route("/{path:path}", logged(not_found), methods=PROXIED_METHODS),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: handle_api_error})
+    return Gateway(Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: handle_api_error}))
 
 
-def app_from_env() -> Starlette:
+def app_from_env() -> Gateway:
     """uvicorn factory: the gateway configured by QUOTAGATE_* environment variables."""
     # Until the lifespan takes SIGHUP to reload, one must not end this worker (the default).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -1,6 +1,6 @@
 """Forward an admitted request to the least busy healthy upstream of its pool, over one aiohttp session.
 
-The answer's body is not read here: `UpstreamAnswer.chunks()` streams it on to the client. An
+The answer's body is not read here: gateway/relay.py reads it whole or streams it on to the client. An
 upstream that fails (no connection, a timeout, a 5xx other than its 503 "overloaded", a body cut
 short) `eject_after` times in a row is set aside for `eject_for` seconds (passive health); if every
 upstream of a pool is set aside, they are all tried again rather than none.
@@ -36,6 +36,7 @@ _HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
+_HOP_BY_HOP_RAW = frozenset(name.encode("latin-1") for name in _HOP_BY_HOP)
 # Set by the gateway alone: a client that sends one has it dropped.
 INTERNAL_PREFIX = "x-quotagate-"
 # An upstream's 503 says "busy", not "broken": it is passed on, not held against the upstream.
@@ -57,9 +58,10 @@ def upstream_headers(
     return out
 
 
-def client_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
-    """The upstream's answer headers less hop-by-hop ones."""
-    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in _HOP_BY_HOP)
+def client_headers(upstream: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The upstream's answer headers, as raw ASGI pairs with lower-case names, less hop-by-hop ones."""
+    named = ((name.lower(), value) for name, value in upstream)
+    return [(name, value) for name, value in named if name not in _HOP_BY_HOP_RAW]
 
 
 @dataclass(slots=True)
@@ -77,12 +79,20 @@ class UpstreamAnswer:
 
     def __init__(self, forwarder: Forwarder, upstream: Upstream, policy: PoolPolicy, response: aiohttp.ClientResponse):
         self.status = response.status
-        self.headers = client_headers(response.headers)
+        self.raw_headers = client_headers(response.raw_headers)
+        self.content_length = response.content_length  # None: chunked, or read to the connection's end
         self.upstream = upstream
         self._forwarder = forwarder
         self._policy = policy
         self._response = response
         self._finished = False
+
+    async def read(self) -> bytes:
+        """The whole body; BadGateway if the upstream cuts it short or stalls past the read timeout."""
+        try:
+            return await self._response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise BadGateway(f"The image service broke off its answer ({type(exc).__name__}).") from exc
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives; BadGateway if the upstream cuts it short or stalls past the read timeout."""

@@ -5,6 +5,7 @@ A record's structured fields travel in `extra={"fields": {...}}`; both formats p
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -13,6 +14,9 @@ from typing import Any, TextIO
 
 LOGGER = "quotagate"
 FORMATS = ("auto", "json", "text")
+
+# One encoder for every line: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,7 +32,7 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
-        return json.dumps(line, separators=(",", ":"), default=str)
+        return _ENCODER.encode(line)
 
 
 class TextFormatter(logging.Formatter):
@@ -60,4 +64,10 @@ def configure_logging(log_format: str = "auto", stream: TextIO | None = None) ->
 
 
 def _timestamp(created: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+    return f"{_second(int(created))}.{int(created % 1 * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    """`2026-11-21T16:00:14`: formatted once per second, not once per line."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))

@@ -1,25 +1,30 @@
-"""One proxied request, start to end: identity → plan → admission → forward → settle → metrics."""
+"""One proxied request, start to end: identity → plan → admission → forward → settle → metrics.
+
+This is the gateway's hot path, in plain ASGI: the app (gateway/app.py) hands every request for a
+configured route straight here, past Starlette's middleware and router, which cost as much CPU as
+the limiting itself.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from gateway.admission import admit
 from gateway.caller import identify, peer
+from gateway.config import Plan, Route
 from gateway.cost import request_cost
+from gateway.disconnect import CancelOnDisconnect
 from gateway.errors import (
     ApiError,
     BadGateway,
     BadRequest,
     Forbidden,
-    NotFound,
     Overloaded,
     PayloadTooLarge,
     QuotaExceeded,
@@ -29,9 +34,10 @@ from gateway.errors import (
     error_response,
 )
 from gateway.forward import upstream_headers
+from gateway.identity import Identity
 from gateway.metrics import NO_PLAN
-from gateway.relay import Charge, Relay
-from gateway.requestlog import RequestRecord, prompt_of, since_ms
+from gateway.relay import Charge, CutShort, relay
+from gateway.requestlog import RequestRecord, begin, prompt_of, since_ms, write
 from limits import DailyQuota, Decision, LimitsError
 
 if TYPE_CHECKING:
@@ -43,15 +49,24 @@ CLIENT_CLOSED = 499
 log = logging.getLogger("quotagate.proxy")
 
 
-async def proxy(request: Request) -> Response:
-    """Decide the request against its plan and, if admitted, forward it; refund what fails."""
-    services: Services = request.app.state.services
-    config = services.config
-    route = config.routes.get(request.url.path)
-    if route is None:
-        return error_response(NotFound(f"No route for {request.method} {request.url.path}."))
-    record: RequestRecord = request.state.record
+async def proxy(services: Services, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer one request for `route`, and log it once the answer has ended."""
+    request = Request(scope, receive)
+    record = begin(scope["method"], scope["path"], request.headers.get("x-request-id"))
     record.route = route.path
+    started = time.perf_counter()
+    try:
+        await _proxy(services, route, request, record, send)
+    except Exception:
+        record.status, record.outcome = 500, record.outcome or "error"
+        raise
+    finally:
+        write(record, started)
+
+
+async def _proxy(services: Services, route: Route, request: Request, record: RequestRecord, send: Send) -> None:
+    """Decide the request against its plan and, if admitted, forward it; refund what fails."""
+    config = services.config
     plan_label = NO_PLAN
     try:
         identity = await identify(request, services)
@@ -79,7 +94,8 @@ async def proxy(request: Request) -> Response:
         services.metrics.requests.labels(plan_label, route.path, record.outcome).inc()
         if plan_label == NO_PLAN and isinstance(exc.__cause__, RedisError | LimitsError):
             services.metrics.redis_errors.labels("authenticate").inc()  # the store guard counts decide's
-        return error_response(exc)
+        await _answer_error(exc, {"X-Request-Id": record.request_id}, request, record, send)
+        return
     # decision None: admitted while Redis could not decide (on_store_failure: open); nothing charged.
     if decision is not None and not decision.replayed:
         services.metrics.images_charged.labels(plan.name).inc(cost)
@@ -89,6 +105,28 @@ async def proxy(request: Request) -> Response:
     slot = services.shedder.take(route.upstream)
     services.metrics.upstream_in_flight.labels(route.upstream).set(services.shedder.in_flight(route.upstream))
     charge = Charge(services, route.path, identity, plan, decision, record, slot)
+    outcome = "client_gone"
+    try:
+        async with CancelOnDisconnect(request.receive) as watch:
+            outcome = await _forward(services, route, request, body, identity, plan, charge, send)
+        if watch.gone and record.status is None:
+            record.status = CLIENT_CLOSED
+    finally:  # cancelled (the server stops) or failed: refunded as if the client had gone
+        await charge.end(outcome, refund=outcome != "allowed")
+
+
+async def _forward(
+    services: Services,
+    route: Route,
+    request: Request,
+    body: bytes,
+    identity: Identity,
+    plan: Plan,
+    charge: Charge,
+    send: Send,
+) -> str:
+    """Forward the admitted request and relay its answer; the outcome to count."""
+    record = charge.record
     forwarded = upstream_headers(
         request.headers,
         {
@@ -100,45 +138,49 @@ async def proxy(request: Request) -> Response:
         },
         drop=(services.settings.account_header,),
     )
-    path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    gone = asyncio.ensure_future(_client_gone(request))
-    opening = asyncio.ensure_future(
-        services.forwarder.open(route.upstream, config.pool(route.upstream), request.method, path_qs, forwarded, body)
-    )
+    query = request.scope["query_string"]
+    path_qs = route.path + (f"?{query.decode('latin-1')}" if query else "")
+    pool = services.config.pool(route.upstream)
     started = time.perf_counter()
     try:
-        await asyncio.wait({opening, gone}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        opening.cancel()
-        gone.cancel()
-        await charge.end("client_gone", refund=True)
-        raise
+        answer = await services.forwarder.open(route.upstream, pool, request.method, path_qs, forwarded, body)
+    except BadGateway as exc:
+        await charge.refund()
+        await _answer_error(exc, charge.headers, request, record, send)
+        return "upstream_error"
     finally:
         services.metrics.upstream_seconds.labels(route.path).observe(time.perf_counter() - started)
         record.upstream_ms = since_ms(started)
-    if not opening.done():  # the client went away before the answer came
-        opening.cancel()
-        await asyncio.wait([opening])
-        if not opening.cancelled() and opening.exception() is None:
-            opening.result().finish()
-        await charge.end("client_gone", refund=True)
-        return Response(status_code=CLIENT_CLOSED)
-    try:
-        answer = opening.result()
-    except BadGateway as exc:
-        gone.cancel()
-        await charge.end("upstream_error", refund=True)
-        return error_response(exc, charge.headers)
     record.upstream_status = answer.status
-    if 200 <= answer.status < 300:
-        outcome = "allowed"
-    else:
+    if not 200 <= answer.status < 300:
         # No image came back, so none is charged: 5xx, the backend's 503 (passed on with its
         # Retry-After) and its 4xx alike.
         await charge.refund()
-        outcome = "upstream_error" if answer.status >= 500 else "refunded"
-    record.outcome = outcome
-    return Relay(answer, charge, gone, outcome)
+    upstream_failed = False
+    try:
+        record.status = answer.status
+        await relay(answer, charge.headers, send)
+    except BadGateway as exc:  # cut short before the client had anything: answer a clean 502
+        upstream_failed = True
+        await charge.refund()
+        await _answer_error(exc, charge.headers, request, record, send)
+        return "upstream_error"
+    except CutShort as exc:
+        upstream_failed = True
+        log.warning("upstream %s broke off an answer: %s", answer.upstream.url, exc)
+        return "upstream_error"
+    finally:
+        answer.finish(upstream_failed=upstream_failed)
+    if 200 <= answer.status < 300:
+        return "allowed"
+    return "upstream_error" if answer.status >= 500 else "refunded"
+
+
+async def _answer_error(
+    exc: ApiError, headers: dict[str, str], request: Request, record: RequestRecord, send: Send
+) -> None:
+    record.status = exc.status
+    await error_response(exc, headers)(request.scope, request.receive, send)
 
 
 def _shadow_outcome(decision: Decision) -> str:
@@ -165,12 +207,6 @@ def _forwarded_for(request: Request) -> str:
     client = peer(request) or "unknown"
     prior = request.headers.get("x-forwarded-for")
     return f"{prior}, {client}" if prior else client
-
-
-async def _client_gone(request: Request) -> None:
-    """Returns once the client has disconnected (the body has been read: nothing else can arrive)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _outcome(exc: ApiError) -> str:

@@ -2,16 +2,18 @@
 
 A 2xx answer sent to its end keeps the charge. A client gone before the answer was all sent, or a
 body the upstream cut short, refunds it (a non-2xx answer was refunded when its status came).
+
+A small answer of known length is read whole and sent in one piece: the fewest sends, and a body the
+upstream cuts short is still a clean 502. Others stream as they arrive.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Send
 
 from gateway.config import Plan
 from gateway.errors import BadGateway
@@ -48,7 +50,7 @@ class Charge:
         self._identity = identity
         self._plan = plan
         self._decision = decision
-        self._record = record
+        self.record = record
         self._slot = slot
         self._refunded = self._ended = False
         services.metrics.in_flight.labels(plan.name).inc()
@@ -80,47 +82,38 @@ class Charge:
             services.metrics.upstream_healthy.labels(pool).set(services.forwarder.healthy(pool))
             services.metrics.in_flight.labels(self._plan.name).dec()
             services.metrics.requests.labels(self._plan.name, self._route, outcome).inc()
-            self._record.outcome = outcome
+            self.record.outcome = outcome
 
 
-class Relay(Response):
-    """Streams `answer` to the client while watching for it to go away; settles `charge` at the end."""
+# Answers with a known length up to this size are read whole and sent in one piece; longer ones,
+# and those of unknown length, are streamed as they arrive.
+WHOLE_BODY_LIMIT = 1 << 20
 
-    def __init__(self, answer: UpstreamAnswer, charge: Charge, gone: asyncio.Future[None], outcome: str) -> None:
-        self.status_code = answer.status
-        self.background = None
-        self.init_headers(charge.headers)
-        ours = {name for name, _ in self.raw_headers}
-        upstream = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
-        self.raw_headers[:0] = [(k, v) for k, v in upstream if k not in ours]
-        self._answer = answer
-        self._charge = charge
-        self._gone = gone
-        self._outcome = outcome
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        streaming = asyncio.ensure_future(self._stream(send))
-        outcome, refund, upstream_failed = "client_gone", True, False
-        try:
-            await asyncio.wait({streaming, self._gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not streaming.done():  # the client went away first
-                streaming.cancel()
-                await asyncio.wait([streaming])
-            elif (error := streaming.exception()) is None:
-                outcome, refund = self._outcome, False
-            elif isinstance(error, BadGateway):
-                log.warning("upstream %s broke off an answer: %s", self._answer.upstream.url, error.message)
-                outcome, upstream_failed = "upstream_error", True
-            elif not isinstance(error, OSError):  # OSError: the client's socket failed, so it is gone
-                raise error
-        finally:
-            streaming.cancel()
-            self._gone.cancel()
-            self._answer.finish(upstream_failed=upstream_failed)
-            await self._charge.end(outcome, refund=refund)
+class CutShort(Exception):
+    """The upstream broke off its answer after the client had its head: the client's answer is cut short too."""
 
-    async def _stream(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        async for chunk in self._answer.chunks():
+
+async def relay(answer: UpstreamAnswer, headers: Mapping[str, str], send: Send) -> None:
+    """Send `answer` to the client, with `headers` (ours) in place of any the upstream sent of the same name.
+
+    BadGateway if the upstream breaks off before anything was sent (the caller answers instead);
+    CutShort if it breaks off once the head has gone out.
+    """
+    ours = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+    taken = {name for name, _ in ours}
+    head = [(name, value) for name, value in answer.raw_headers if name not in taken] + ours
+    length = answer.content_length
+    if length is not None and length <= WHOLE_BODY_LIMIT:
+        body = await answer.read()
+        head.append((b"content-length", str(len(body)).encode("latin-1")))
+        await send({"type": "http.response.start", "status": answer.status, "headers": head})
+        await send({"type": "http.response.body", "body": body})
+        return
+    await send({"type": "http.response.start", "status": answer.status, "headers": head})
+    try:
+        async for chunk in answer.chunks():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except BadGateway as exc:
+        raise CutShort(exc.message) from exc
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
