@@ -17,10 +17,12 @@ limits.LimitsError           raised by the engine; answered as ServiceUnavailabl
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
+from starlette.types import Send
 
 
 class ConfigError(Exception):
@@ -81,10 +83,29 @@ class Overloaded(ServiceUnavailable):
     code = "overloaded"
 
 
-def error_response(exc: ApiError, extra_headers: Mapping[str, str] | None = None) -> Response:
-    """The JSON answer for `exc`."""
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def error_body(exc: ApiError) -> bytes:
+    """`{"error": {"message", "type", "param", "code"}}`, as OpenAI's API answers errors."""
     body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
-    return JSONResponse(body, status_code=exc.status, headers={**(extra_headers or {}), **exc.headers})
+    return _ENCODER.encode(body).encode()
+
+
+def error_response(exc: ApiError, extra_headers: Mapping[str, str] | None = None) -> Response:
+    """The JSON answer for `exc`, for Starlette endpoints."""
+    headers = {**(extra_headers or {}), **exc.headers}
+    return Response(error_body(exc), status_code=exc.status, headers=headers, media_type="application/json")
+
+
+async def send_error(send: Send, exc: ApiError, extra_headers: Mapping[str, str]) -> None:
+    """Answer `exc` over plain ASGI (the proxy's hot path), as `error_response` would."""
+    body = error_body(exc)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode("latin-1"))]
+    fields = {**extra_headers, **exc.headers}
+    headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in fields.items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def handle_api_error(request: Request, exc: Exception) -> Response:

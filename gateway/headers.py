@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import random
-from functools import lru_cache
 
 from limits import Bucket, DailyQuota, Decision, LimitSet
 
@@ -25,28 +24,25 @@ DAILY_RESET_SPREAD_S = 300
 
 def rate_limit_headers(limits: LimitSet, decision: Decision) -> dict[str, str]:
     """The IETF and OpenAI rate-limit fields for one decision (empty when nothing limits the plan)."""
-    headers: dict[str, str] = {}
     policy = _policy(limits)
-    if policy:
-        headers["RateLimit-Policy"] = policy
-        headers["RateLimit"] = ", ".join(
-            f'"{s.limit.name}";r={s.remaining};t={math.ceil(s.reset_after)}'
-            for s in decision.states
-            if s.remaining is not None and not s.limit.shadow
-        )
-    bucket = next((s for s in decision.states if isinstance(s.limit, Bucket) and not s.limit.shadow), None)
+    if not policy:  # every limit is unlimited or in shadow mode: nothing to tell
+        return {}
+    remaining = []
+    bucket = daily = None
+    for state in decision.states:
+        limit = state.limit
+        if limit.shadow or state.remaining is None:
+            continue
+        remaining.append(f'"{limit.name}";r={state.remaining};t={math.ceil(state.reset_after)}')
+        if bucket is None and isinstance(limit, Bucket):
+            bucket = state
+        elif daily is None and isinstance(limit, DailyQuota):
+            daily = state
+    headers = {"RateLimit-Policy": policy, "RateLimit": ", ".join(remaining)}
     if bucket is not None and isinstance(bucket.limit, Bucket):
         headers["x-ratelimit-limit-requests"] = str(bucket.limit.burst)
         headers["x-ratelimit-remaining-requests"] = str(bucket.remaining)
         headers["x-ratelimit-reset-requests"] = duration(bucket.reset_after)
-    daily = next(
-        (
-            s
-            for s in decision.states
-            if isinstance(s.limit, DailyQuota) and s.remaining is not None and not s.limit.shadow
-        ),
-        None,
-    )
     if daily is not None and isinstance(daily.limit, DailyQuota):
         headers["x-ratelimit-limit-images"] = str(daily.limit.limit)
         headers["x-ratelimit-remaining-images"] = str(daily.remaining)
@@ -83,8 +79,15 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
 
 
-@lru_cache(maxsize=64)
+# LimitSet → its RateLimit-Policy, keyed by identity: a LimitSet is built once per config load, and
+# hashing one (every limit's every field) on each request cost more than building the string.
+_policies: dict[int, tuple[LimitSet, str]] = {}
+
+
 def _policy(limits: LimitSet) -> str:
+    known = _policies.get(id(limits))
+    if known is not None and known[0] is limits:
+        return known[1]
     entries = []
     for limit in limits:
         if limit.shadow:
@@ -93,4 +96,8 @@ def _policy(limits: LimitSet) -> str:
             entries.append(f'"{limit.name}";q={limit.burst};w={math.ceil(limit.burst * limit.interval_us / 1e6)}')
         elif limit.limit is not None:
             entries.append(f'"{limit.name}";q={limit.limit};w=86400')
-    return ", ".join(entries)
+    policy = ", ".join(entries)
+    if len(_policies) >= 256:  # config loads pile up LimitSets; start afresh now and then
+        _policies.clear()
+    _policies[id(limits)] = (limits, policy)  # the entry holds `limits`, so its id is not reused
+    return policy

@@ -61,6 +61,8 @@ def configure_logging(log_format: str = "auto", stream: TextIO | None = None) ->
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    # No line prints a thread, process or process name: skip looking them up for every record.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 def _timestamp(created: float) -> str:

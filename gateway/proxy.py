@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from gateway.admission import admit
-from gateway.caller import identify, peer
+from gateway.caller import identify
 from gateway.config import Plan, Route
 from gateway.cost import request_cost
 from gateway.disconnect import CancelOnDisconnect
@@ -31,7 +32,7 @@ from gateway.errors import (
     RateLimited,
     ServiceUnavailable,
     Unauthorized,
-    error_response,
+    send_error,
 )
 from gateway.forward import upstream_headers
 from gateway.identity import Identity
@@ -49,14 +50,36 @@ CLIENT_CLOSED = 499
 log = logging.getLogger("quotagate.proxy")
 
 
+@dataclass(slots=True)
+class Incoming:
+    """What the hot path reads of a request: its scope, its headers and the address of its peer."""
+
+    scope: Scope
+    receive: Receive
+    headers: dict[str, str]  # lower-case names; a repeated field's values joined by ", " (RFC 9110 §5.3)
+    peer: str | None
+
+    @classmethod
+    def of(cls, scope: Scope, receive: Receive) -> Incoming:
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in scope["headers"]:
+            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        client = scope.get("client")
+        return cls(scope, receive, headers, client[0] if client else None)
+
+
 async def proxy(services: Services, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer one request for `route`, and log it once the answer has ended."""
-    request = Request(scope, receive)
+    request = Incoming.of(scope, receive)
     record = begin(scope["method"], scope["path"], request.headers.get("x-request-id"))
     record.route = route.path
     started = time.perf_counter()
     try:
         await _proxy(services, route, request, record, send)
+    except ClientDisconnect:  # while its body was still arriving
+        record.status, record.outcome = CLIENT_CLOSED, "client_gone"
+        services.metrics.requests.labels(record.plan or NO_PLAN, route.path, "client_gone").inc()
     except Exception:
         record.status, record.outcome = 500, record.outcome or "error"
         raise
@@ -64,12 +87,12 @@ async def proxy(services: Services, route: Route, scope: Scope, receive: Receive
         write(record, started)
 
 
-async def _proxy(services: Services, route: Route, request: Request, record: RequestRecord, send: Send) -> None:
+async def _proxy(services: Services, route: Route, request: Incoming, record: RequestRecord, send: Send) -> None:
     """Decide the request against its plan and, if admitted, forward it; refund what fails."""
     config = services.config
     plan_label = NO_PLAN
     try:
-        identity = await identify(request, services)
+        identity = await identify(request.headers, request.peer, services)
         record.account = identity.account
         plan = config.plan_at(identity.plan, time.time())  # a temporary override lapses by itself
         if plan is None:
@@ -118,7 +141,7 @@ async def _proxy(services: Services, route: Route, request: Request, record: Req
 async def _forward(
     services: Services,
     route: Route,
-    request: Request,
+    request: Incoming,
     body: bytes,
     identity: Identity,
     plan: Plan,
@@ -143,7 +166,7 @@ async def _forward(
     pool = services.config.pool(route.upstream)
     started = time.perf_counter()
     try:
-        answer = await services.forwarder.open(route.upstream, pool, request.method, path_qs, forwarded, body)
+        answer = await services.forwarder.open(route.upstream, pool, request.scope["method"], path_qs, forwarded, body)
     except BadGateway as exc:
         await charge.refund()
         await _answer_error(exc, charge.headers, request, record, send)
@@ -177,10 +200,10 @@ async def _forward(
 
 
 async def _answer_error(
-    exc: ApiError, headers: dict[str, str], request: Request, record: RequestRecord, send: Send
+    exc: ApiError, headers: dict[str, str], request: Incoming, record: RequestRecord, send: Send
 ) -> None:
     record.status = exc.status
-    await error_response(exc, headers)(request.scope, request.receive, send)
+    await send_error(send, exc, headers)
 
 
 def _shadow_outcome(decision: Decision) -> str:
@@ -190,21 +213,27 @@ def _shadow_outcome(decision: Decision) -> str:
     return "quota_exhausted" if any(isinstance(s.limit, DailyQuota) for s in refusals) else "rate_limited"
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Incoming, limit: int) -> bytes:
+    """The whole body; PayloadTooLarge past `limit` bytes, ClientDisconnect if the client leaves first."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The request body is over {limit} bytes.")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"The request body is over {limit} bytes.")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _forwarded_for(request: Request) -> str:
-    client = peer(request) or "unknown"
+def _forwarded_for(request: Incoming) -> str:
+    client = request.peer or "unknown"
     prior = request.headers.get("x-forwarded-for")
     return f"{prior}, {client}" if prior else client
 

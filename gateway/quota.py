@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 async def quota(request: Request) -> Response:
     """The caller's plan and, per limit, its size, what is used and left, and when it resets."""
     services: Services = request.app.state.services
-    identity = await identify(request, services)
+    identity = await identify(request.headers, request.client.host if request.client else None, services)
     plan = services.config.plan_at(identity.plan, time.time())
     if plan is None:
         raise Forbidden(f"This account's plan {identity.plan!r} is not offered; contact support.")
