@@ -38,6 +38,7 @@ from gateway.openapi import openapi_endpoint
 from gateway.peers import TrustedProxies
 from gateway.proxy import proxy
 from gateway.quota import quota
+from gateway.refusals import Refusals
 from gateway.reload import LiveConfig, reload_on_sighup
 from gateway.requestlog import logged
 from gateway.settings import Settings
@@ -64,6 +65,7 @@ class Services:
     auth_guard: FailedAuthGuard
     store: StoreGuard
     shedder: Shedder
+    refusals: Refusals
 
     @property
     def config(self) -> Config:
@@ -158,6 +160,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             auth_guard=FailedAuthGuard(engine, settings.auth_failures_per_minute, breaker=breaker),
             store=StoreGuard(engine, metrics, breaker, LocalBudget()),
             shedder=Shedder(),
+            refusals=Refusals(near_cache),
         )
         try:
             with reload_on_sighup(live_config):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -98,14 +99,27 @@ def error_response(exc: ApiError, extra_headers: Mapping[str, str] | None = None
     return Response(error_body(exc), status_code=exc.status, headers=headers, media_type="application/json")
 
 
-async def send_error(send: Send, exc: ApiError, extra_headers: Mapping[str, str]) -> None:
-    """Answer `exc` over plain ASGI (the proxy's hot path), as `error_response` would."""
-    body = error_body(exc)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode("latin-1"))]
-    fields = {**extra_headers, **exc.headers}
-    headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in fields.items()]
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+@dataclass(frozen=True, slots=True)
+class RawAnswer:
+    """An error answer rendered for plain ASGI (the proxy's hot path), as `error_response` renders it."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    @classmethod
+    def of(cls, exc: ApiError, extra_headers: Mapping[str, str] | None = None) -> RawAnswer:
+        body = error_body(exc)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode("latin-1"))]
+        fields = {**(extra_headers or {}), **exc.headers}
+        headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in fields.items()]
+        return cls(exc.status, headers, body)
+
+    async def send(self, send: Send, request_id: str | None = None) -> None:
+        """Send it, with an `X-Request-Id` field if `request_id` is given."""
+        headers = self.headers if request_id is None else [*self.headers, (b"x-request-id", request_id.encode())]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 async def handle_api_error(request: Request, exc: Exception) -> Response:

@@ -30,9 +30,9 @@ from gateway.errors import (
     PayloadTooLarge,
     QuotaExceeded,
     RateLimited,
+    RawAnswer,
     ServiceUnavailable,
     Unauthorized,
-    send_error,
 )
 from gateway.forward import upstream_headers
 from gateway.identity import Identity
@@ -98,6 +98,12 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
         if plan is None:
             raise Forbidden(f"This account's plan {identity.plan!r} is not offered; contact support.")
         plan_label = record.plan = plan.name
+        exhausted = services.refusals.answer(identity.account, plan) if route.cost != 0 else None
+        if exhausted is not None:  # its quota is spent until the day ends: refused first, before its body is read
+            record.outcome, record.status = "quota_exhausted", exhausted.status
+            services.metrics.requests.labels(plan.name, route.path, "quota_exhausted").inc()
+            await exhausted.send(send, record.request_id)
+            return
         body = await _read_body(request, services.settings.max_body_bytes)
         if services.settings.log_prompts:
             record.prompt = prompt_of(body)
@@ -203,7 +209,7 @@ async def _answer_error(
     exc: ApiError, headers: dict[str, str], request: Incoming, record: RequestRecord, send: Send
 ) -> None:
     record.status = exc.status
-    await send_error(send, exc, headers)
+    await RawAnswer.of(exc, headers).send(send)
 
 
 def _shadow_outcome(decision: Decision) -> str:
