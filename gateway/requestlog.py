@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.errors import ApiError
+from gateway.logs import direct_handler
 
 log = logging.getLogger("quotagate.request")
 
@@ -80,6 +81,11 @@ def begin(method: str, path: str, given_request_id: str | None) -> RequestRecord
 def write(record: RequestRecord, started: float) -> None:
     """Log `record`'s line, its total time counted from `started` (a `time.perf_counter()` reading)."""
     record.total_ms = since_ms(started)
+    message = f"{record.method} {record.path} {record.status} {record.outcome}"
+    handler = direct_handler(log)
+    if handler is not None:
+        handler.write_line(log.name, message, record.fields())
+        return
     if not log.isEnabledFor(logging.INFO):
         return
     # makeRecord + handle rather than log.info: info() walks the stack for the caller's file and
@@ -89,7 +95,7 @@ def write(record: RequestRecord, started: float) -> None:
         logging.INFO,
         __file__,
         0,
-        f"{record.method} {record.path} {record.status} {record.outcome}",
+        message,
         (),
         None,
         extra={"fields": record.fields()},
