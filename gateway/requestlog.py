@@ -8,7 +8,6 @@ operator asks for it (`QUOTAGATE_LOG_PROMPTS=1`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -53,18 +52,29 @@ class RequestRecord:
 
     def fields(self) -> dict[str, Any]:
         """The record as log fields, milliseconds rounded to µs."""
-        # Read the slots directly: dataclasses.asdict deep-copies every value, which cost ~10 % of a
-        # proxied request's CPU in a profile of the gateway under wrk.
-        out = {name: getattr(self, name) for name in _FIELDS}
-        for name in ("decision_ms", "upstream_ms", "total_ms"):
-            if out[name] is not None:
-                out[name] = round(out[name], 3)
-        if out["prompt"] is None:
-            del out["prompt"]
+        # Spelled out, not dataclasses.asdict (its deep copies were ~10 % of a request's CPU).
+        out = {
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "route": self.route,
+            "account": self.account,
+            "plan": self.plan,
+            "outcome": self.outcome,
+            "cost": self.cost,
+            "status": self.status,
+            "upstream_status": self.upstream_status,
+            "decision_ms": _rounded(self.decision_ms),
+            "upstream_ms": _rounded(self.upstream_ms),
+            "total_ms": _rounded(self.total_ms),
+        }
+        if self.prompt is not None:
+            out["prompt"] = self.prompt
         return out
 
 
-_FIELDS = tuple(field.name for field in dataclasses.fields(RequestRecord))
+def _rounded(ms: float | None) -> float | None:
+    return None if ms is None else round(ms, 3)
 
 
 def since_ms(started: float) -> float:

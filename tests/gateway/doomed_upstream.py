@@ -2,6 +2,7 @@
 
 `python -m tests.gateway.doomed_upstream PORT hold`: reads the request, prints `arrived`, never answers.
 `... PORT split`: answers 200, sends the head of a JSON body, prints `sent`, never sends the rest.
+`... PORT short`: as `split`, but the answer declares its Content-Length (the gateway reads such answers whole).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def app(mode: str) -> Starlette:
             print("sent", flush=True)
             await asyncio.Event().wait()
 
-        return StreamingResponse(body(), media_type="application/json")
+        declared = {"content-length": "1000"} if mode == "short" else None
+        return StreamingResponse(body(), media_type="application/json", headers=declared)
 
     return Starlette(routes=[Route("/v1/images/generations", images, methods=["POST"])])
 

@@ -199,6 +199,24 @@ async def test_a_backend_killed_mid_answer_cuts_it_short_and_is_refunded(
     assert line.fields["outcome"] == "upstream_error" and line.fields["status"] == 200  # type: ignore[attr-defined]
 
 
+async def test_a_whole_answer_cut_short_is_a_clean_502_and_refunded(redis_url: str, free_key: str) -> None:
+    registry = CollectorRegistry()
+    with (
+        doomed("short") as (backend, backend_url),
+        ThreadPoolExecutor(1) as pool,
+        TestClient(_app(redis_url, (backend_url,), registry)) as client,  # type: ignore[arg-type]
+    ):
+        pending = pool.submit(_post, client, free_key, 2)
+        assert backend.stdout is not None and backend.stdout.readline().strip() == "sent"
+        backend.kill()
+        answer = pending.result(timeout=HANG)
+    # Its length was declared, so the gateway read it whole before answering: the client gets a 502, not half a body.
+    assert answer.status_code == 502 and answer.json()["error"]["code"] == "upstream_error"
+    assert _refunded(registry) == 2
+    outcome = {"plan": "free", "route": PATH, "outcome": "upstream_error"}
+    assert registry.get_sample_value("quotagate_requests_total", outcome) == 1
+
+
 async def test_an_upstream_past_its_read_timeout_is_a_502_and_refunded(
     redis_url: str, upstream: StubUpstream, config: Config, free_key: str
 ) -> None:

@@ -139,7 +139,8 @@ async def _keys(redis_url: str) -> dict[str, str]:
     redis = connect(redis_url)
     try:
         store = KeyStore(redis, SECRET.encode())
-        return {plan: await store.create_key(f"acct-{plan}", plan) for plan in ("free", "pro")}
+        keys = {plan: await store.create_key(f"acct-{plan}", plan) for plan in ("free", "pro")}
+        return {**keys, "free-fresh": await store.create_key("acct-free-fresh", "free")}
     finally:
         await redis.aclose()
 
@@ -151,11 +152,16 @@ async def _send(client: httpx.AsyncClient, url: str, key: str, count: int, body:
 
 
 async def _until_shed(client: httpx.AsyncClient, url: str, key: str) -> list[int]:
-    """Free requests, one after another, until one is shed (503); the others are past their quota (429)."""
+    """Free requests, one after another, until one is shed (503).
+
+    Each asks for more images than the plan's day allows: shedding comes before the decision, and
+    one that is not shed is refused (400) without a charge or a place in the pool. (An exhausted
+    account would not do: it is refused with 429 before the shedding check.)
+    """
     statuses: list[int] = []
     deadline = time.monotonic() + DATA_TIMEOUT
     while 503 not in statuses and time.monotonic() < deadline:
-        statuses += await _send(client, url, key, 1)
+        statuses += await _send(client, url, key, 1, {**BODY, "n": 4})
         await asyncio.sleep(0.02)
     return statuses
 
@@ -211,7 +217,7 @@ async def _run(services: ServiceSet, quotas: Path, redis_url: str, prometheus_bi
         # Now each alert's condition, for real. Four slow pro images at once: the backend runs one, queues
         # one and refuses two (queue_full); while they hold their places, free requests are shed.
         slow = asyncio.ensure_future(_send(client, gateway.url, keys["pro"], 4, SLOW))
-        assert 503 in await _until_shed(client, gateway.url, keys["free"])
+        assert 503 in await _until_shed(client, gateway.url, keys["free-fresh"])
         assert sorted(await slow) == [200, 200, 503, 503]
         assert await _send(client, orphan.url, keys["pro"], 3) == [503, 503, 503]
     await asyncio.to_thread(quotas.write_text, "plans: [this is not a quota file\n")

@@ -1,0 +1,58 @@
+"""CancelOnDisconnect: a client that leaves cancels the work done for it, and only that is swallowed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.disconnect import CancelOnDisconnect
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # cancel/uncancel of asyncio tasks is what is tested
+
+
+async def test_a_client_that_leaves_cancels_the_block_and_is_told() -> None:
+    messages: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+    reached_the_end = False
+    async with CancelOnDisconnect(messages.get) as watch:
+        messages.put_nowait({"type": "http.request", "body": b"", "more_body": False})  # skipped
+        messages.put_nowait({"type": "http.disconnect"})
+        await asyncio.Event().wait()  # the upstream that never answers
+        reached_the_end = True
+    assert watch.gone and not reached_the_end
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    await asyncio.sleep(0)  # the task goes on working: nothing is left pending against it
+
+
+async def test_a_block_that_ends_first_is_not_cancelled_later() -> None:
+    messages: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+    async with CancelOnDisconnect(messages.get) as watch:
+        pass
+    messages.put_nowait({"type": "http.disconnect"})
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not watch.gone
+
+
+async def test_a_cancellation_from_elsewhere_goes_through() -> None:
+    messages: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+    started = asyncio.Event()
+    watches: list[CancelOnDisconnect] = []
+
+    async def request() -> None:
+        async with CancelOnDisconnect(messages.get) as watch:
+            watches.append(watch)
+            started.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(request())
+    await started.wait()
+    task.cancel()  # the server shutting down
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not watches[0].gone
