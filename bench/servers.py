@@ -4,12 +4,14 @@
 any Starlette app on this machine. `servers:passthrough_app` forwards every request to
 $BENCH_UPSTREAM over one aiohttp session, as the gateway's forward step does, with no identity and no
 limiting: what proxying alone costs. `servers:capacity_app` is the surge's image service: a fixed number
-of images at a time, a bounded queue, 503 past it.
+of images at a time, highest priority first, a bounded queue, 503 past it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -59,10 +61,42 @@ def passthrough_app() -> Starlette:
     return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])], lifespan=lifespan)
 
 
+class PrioritySlots:
+    """`slots` places; a freed place goes to the waiting request of highest priority (first come within one)."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap of (-priority, arrival, waiter)
+        self._arrivals = itertools.count()
+
+    async def acquire(self, priority: int) -> None:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (-priority, next(self._arrivals), waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed a place just as it was cancelled
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self._waiting:
+            _, _, waiter = heapq.heappop(self._waiting)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+
 def capacity_app() -> Starlette:
-    """An image service of fixed capacity: $BENCH_SLOTS images at a time, $BENCH_SERVICE_MS each, first come
-    first served; over $BENCH_QUEUE waiting requests it answers 503 with Retry-After, as the real backend does."""
-    slots = asyncio.Semaphore(int(os.environ.get("BENCH_SLOTS", "4")))
+    """An image service of fixed capacity: $BENCH_SLOTS images at a time, $BENCH_SERVICE_MS each; over
+    $BENCH_QUEUE waiting requests it answers 503 with Retry-After. As the real backend (backend/batcher.py)
+    does, a freed place goes to the highest X-Quotagate-Priority waiting (the backend also ages waiting
+    requests, so the lowest are not starved; a bench run is too short to need it)."""
+    slots = PrioritySlots(int(os.environ.get("BENCH_SLOTS", "4")))
     service_s = float(os.environ.get("BENCH_SERVICE_MS", "20")) / 1000
     queue_limit = int(os.environ.get("BENCH_QUEUE", "64"))
     waiting = 0
@@ -73,10 +107,14 @@ def capacity_app() -> Starlette:
         if waiting >= queue_limit:
             error = {"message": "overloaded", "type": "server_error", "param": None, "code": "overloaded"}
             return JSONResponse({"error": error}, status_code=503, headers={"Retry-After": "1"})
+        priority = int(request.headers.get("x-quotagate-priority", "0"))
         waiting += 1
         try:
-            async with slots:
+            await slots.acquire(priority)
+            try:
                 await asyncio.sleep(service_s * int(body.get("n", 1)))
+            finally:
+                slots.release()
         finally:
             waiting -= 1
         return JSONResponse(ANSWER)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import redis as redis_py
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -44,7 +45,7 @@ ROOT = BENCH.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from overhead import RESULTS, SECRET, cores, spawn, wait_answering  # noqa: E402
+from overhead import RESULTS, SECRET, cores, cpu_seconds, process_tree, spawn, wait_answering  # noqa: E402
 
 from gateway.embedded_redis import RedisServer  # noqa: E402
 from gateway.identity import KeyStore  # noqa: E402
@@ -211,13 +212,27 @@ def table(results: dict[str, Any]) -> str:
         f"| p50 ms | {results['paid_p50_unloaded_ms']:.1f} | {results['paid_p50_surge_ms']:.1f} | |",
         f"| p99 ms | {results['paid_p99_unloaded_ms']:.1f} | {results['paid_p99_surge_ms']:.1f} | "
         f"{ratio:.2f} {'(met)' if ratio <= 2 else '(**not met**)'} |",
+        "",
+        "CPU used over the run, as a share of one core: "
+        + ", ".join(f"{name} {share:.2f}" for name, share in results["cpu_share"].items())
+        + ".",
     ]
     return "\n".join(lines)
 
 
-async def simulate(args: argparse.Namespace, gateway_url: str, redis_url: str, pinning: str) -> dict[str, Any]:
+def cpu_by_process(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds so far of each named group of processes (this one is `load generator`)."""
+    used = {name: cpu_seconds(group) for name, group in pids.items()}
+    times = os.times()
+    return {**used, "load generator": times.user + times.system}
+
+
+async def simulate(
+    args: argparse.Namespace, gateway_url: str, redis_url: str, pinning: str, pids: dict[str, list[int]]
+) -> dict[str, Any]:
     paid_keys = await make_keys(redis_url, "paid", args.paid_accounts)
     free_keys = await make_keys(redis_url, "free", args.accounts)
+    cpu_before, wall_before = cpu_by_process(pids), time.monotonic()
     connector = aiohttp.TCPConnector(limit=args.connections)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -231,7 +246,10 @@ async def simulate(args: argparse.Namespace, gateway_url: str, redis_url: str, p
         await asyncio.sleep(args.tail)
         stop_paid.set()
         await paid
+    wall, cpu_after = time.monotonic() - wall_before, cpu_by_process(pids)
     results = summarize(record, baseline_end, surge_end, args)
+    # Each process's share of one core over the run: a process near 1.0 was the bottleneck.
+    results["cpu_share"] = {name: (cpu_after[name] - cpu_before[name]) / wall for name in cpu_after}
     results["pinning"] = pinning
     results["baseline_s"] = baseline_end
     results["surge_s"] = surge_end - baseline_end
@@ -284,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
             processes.append(gateway)
             wait_answering(f"http://127.0.0.1:{service_port}/healthz", service)
             wait_answering(f"http://127.0.0.1:{gateway_port}/healthz", gateway)
-            results = asyncio.run(simulate(args, f"http://127.0.0.1:{gateway_port}", redis.url, pinning))
+            with redis_py.Redis.from_url(redis.url) as admin:
+                redis_pid = int(admin.info("server")["process_id"])
+            pids = {"gateway": process_tree(gateway.pid), "image service": [service.pid], "redis-server": [redis_pid]}
+            results = asyncio.run(simulate(args, f"http://127.0.0.1:{gateway_port}", redis.url, pinning, pids))
         finally:
             for process in processes:
                 process.terminate()

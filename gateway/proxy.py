@@ -104,13 +104,13 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
             services.metrics.requests.labels(plan.name, route.path, "quota_exhausted").inc()
             await exhausted.send(send, record.request_id)
             return
+        # Shed before the body is read and decided on: a shed request costs no quota, and little CPU.
+        lowest = plan.priority <= config.lowest_priority
+        services.shedder.check(route.upstream, config.pool(route.upstream), lowest_priority=lowest)
         body = await _read_body(request, services.settings.max_body_bytes)
         if services.settings.log_prompts:
             record.prompt = prompt_of(body)
         record.cost = cost = request_cost(route, body)
-        # Shed before the decision, so a shed request costs no quota.
-        lowest = plan.priority <= config.lowest_priority
-        services.shedder.check(route.upstream, config.pool(route.upstream), lowest_priority=lowest)
         idempotency_key = request.headers.get("idempotency-key")
         started = time.perf_counter()
         try:
