@@ -220,6 +220,17 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _samples(exposition: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of `name` in a Prometheus text exposition, with their labels."""
+    found = []
+    for line in exposition.splitlines():
+        if line.startswith(name + "{"):
+            labels, _, value = line[len(name) + 1 :].rpartition("} ")
+            pairs = (pair.split("=", 1) for pair in labels.split(","))
+            found.append(({key: raw.strip('"') for key, raw in pairs}, float(value)))
+    return found
+
+
 def cpu_by_process(pids: dict[str, list[int]]) -> dict[str, float]:
     """CPU seconds so far of each named group of processes (this one is `load generator`)."""
     used = {name: cpu_seconds(group) for name, group in pids.items()}
@@ -246,8 +257,16 @@ async def simulate(
         await asyncio.sleep(args.tail)
         stop_paid.set()
         await paid
-    wall, cpu_after = time.monotonic() - wall_before, cpu_by_process(pids)
+        wall, cpu_after = time.monotonic() - wall_before, cpu_by_process(pids)
+        async with session.get(gateway_url + "/metrics") as scraped:
+            exposition = await scraped.text()
     results = summarize(record, baseline_end, surge_end, args)
+    # What the gateway itself counted, by plan and outcome: who shed a request, the gateway or the service.
+    results["gateway_outcomes"] = {
+        f"{labels['plan']} {labels['outcome']}": value
+        for labels, value in _samples(exposition, "quotagate_requests_total")
+        if value
+    }
     # Each process's share of one core over the run: a process near 1.0 was the bottleneck.
     results["cpu_share"] = {name: (cpu_after[name] - cpu_before[name]) / wall for name in cpu_after}
     results["pinning"] = pinning

@@ -104,20 +104,24 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
             services.metrics.requests.labels(plan.name, route.path, "quota_exhausted").inc()
             await exhausted.send(send, record.request_id)
             return
-        # Shed before the body is read and decided on: a shed request costs no quota, and little CPU.
+        # Into the pool before the body is read and decided on: a shed request costs no quota, and little CPU.
         lowest = plan.priority <= config.lowest_priority
-        services.shedder.check(route.upstream, config.pool(route.upstream), lowest_priority=lowest)
-        body = await _read_body(request, services.settings.max_body_bytes)
-        if services.settings.log_prompts:
-            record.prompt = prompt_of(body)
-        record.cost = cost = request_cost(route, body)
-        idempotency_key = request.headers.get("idempotency-key")
-        started = time.perf_counter()
+        slot = services.shedder.enter(route.upstream, config.pool(route.upstream), lowest_priority=lowest)
         try:
-            decision = await admit(services.store, identity, plan, cost, idempotency_key=idempotency_key)
-        finally:  # refusals are decisions too
-            record.decision_ms = since_ms(started)
-            services.metrics.decision_seconds.observe(record.decision_ms / 1000)
+            body = await _read_body(request, services.settings.max_body_bytes)
+            if services.settings.log_prompts:
+                record.prompt = prompt_of(body)
+            record.cost = cost = request_cost(route, body)
+            idempotency_key = request.headers.get("idempotency-key")
+            started = time.perf_counter()
+            try:
+                decision = await admit(services.store, identity, plan, cost, idempotency_key=idempotency_key)
+            finally:  # refusals are decisions too
+                record.decision_ms = since_ms(started)
+                services.metrics.decision_seconds.observe(record.decision_ms / 1000)
+        except BaseException:  # refused, or gone: its place goes to the next request
+            slot.release()
+            raise
     except ApiError as exc:
         record.outcome = _outcome(exc)
         services.metrics.requests.labels(plan_label, route.path, record.outcome).inc()
@@ -131,7 +135,6 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
     if decision is not None and plan.limits.shadow_arg:  # limits in shadow mode: count what they would do
         services.metrics.shadow_requests.labels(plan.name, route.path, _shadow_outcome(decision)).inc()
 
-    slot = services.shedder.take(route.upstream)
     services.metrics.upstream_in_flight.labels(route.upstream).set(services.shedder.in_flight(route.upstream))
     charge = Charge(services, route.path, identity, plan, decision, record, slot)
     outcome = "client_gone"

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.config import PoolPolicy, parse_config
@@ -28,8 +29,7 @@ HANG = 10.0  # seconds; a bound on a hang, not a timing assertion
 
 
 def _enter(shedder: Shedder, policy: PoolPolicy, *, lowest_priority: bool) -> Slot:
-    shedder.check("p", policy, lowest_priority=lowest_priority)
-    return shedder.take("p")
+    return shedder.enter("p", policy, lowest_priority=lowest_priority)
 
 
 def test_the_lowest_priority_may_fill_only_the_unreserved_share() -> None:
@@ -59,7 +59,7 @@ def test_retry_after_is_jittered() -> None:
     waits = set()
     for _ in range(50):
         with pytest.raises(Overloaded) as shed:
-            shedder.check("p", policy, lowest_priority=True)
+            shedder.enter("p", policy, lowest_priority=True)
         waits.add(int(shed.value.headers["Retry-After"]))
     assert waits == set(range(RETRY_AFTER_S[0], RETRY_AFTER_S[1] + 1))
 
@@ -111,3 +111,19 @@ async def test_under_overload_free_is_shed_while_pro_gets_through_and_shed_costs
         # The shed request cost nothing: all three of free-c's images are still there.
         assert post("free-c", 3).status_code == 200
     assert registry.get_sample_value("quotagate_images_charged_total", {"plan": "free"}) == 5
+
+
+async def test_a_request_refused_after_entering_the_pool_gives_its_place_back(
+    redis_url: str, redis_client: Redis, upstream: StubUpstream
+) -> None:
+    key = await KeyStore(redis_client, SECRET).create_key("free-d", "free")
+    config = parse_config(QUOTAS + "pools:\n  diffusion: {max_in_flight: 2, reserved_for_paid: 0.5}\n", source="q")
+    auth = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(settings_for(redis_url, upstream.url), config)) as client:
+        shedder = client.app.state.services.shedder  # type: ignore[attr-defined]
+        # Each enters the pool (free's share: 1 place) before its body is read and decided on.
+        assert client.post(PATH, content=b"not json", headers=auth).status_code == 400
+        assert client.post(PATH, json={"prompt": "x", "n": 100}, headers=auth).status_code == 400
+        assert client.post(PATH, json={"prompt": "x", "n": 3}, headers=auth).status_code == 200
+        assert shedder.in_flight("diffusion") == 0  # each gave its place back: none was shed
+        assert client.post(PATH, json={"prompt": "x"}, headers=auth).status_code == 429
