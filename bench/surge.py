@@ -132,12 +132,17 @@ async def free_surge(
     session: aiohttp.ClientSession, url: str, keys: list[str], window: float, record: Recorder
 ) -> None:
     """Account i arrives at i/len(keys) of the window and tries its images one after the other."""
-    tasks = []
+    # Only the accounts still trying are kept: 100,000 finished tasks would slow this process's
+    # garbage collector, and its pauses would count as the gateway's latency.
+    tasks: set[asyncio.Task[None]] = set()
     start = time.monotonic()
     for i, key in enumerate(keys):
         await asyncio.sleep(max(0.0, start + window * i / len(keys) - time.monotonic()))
-        tasks.append(asyncio.create_task(free_account(session, url, key, record)))
-    await asyncio.gather(*tasks)
+        task = asyncio.create_task(free_account(session, url, key, record))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    while tasks:
+        await asyncio.gather(*tasks)
 
 
 async def make_keys(redis_url: str, plan: str, count: int) -> list[str]:
