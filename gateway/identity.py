@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from redis.exceptions import RedisError
 
@@ -31,9 +31,13 @@ KEY_ID = re.compile(r"^[0-9a-f]{16}$")
 ACCOUNT = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """Who sent a request."""
+class Identity(NamedTuple):
+    """Who sent a request.
+
+    A tuple of strings, as are the cache's entries and indexes: Python's collector stops tracking
+    such tuples, so 100,000 cached accounts do not lengthen its full collections. As dataclasses and
+    sets they did, and the stalls grew with the accounts seen (bench/surge.py's paid p99).
+    """
 
     account: str
     plan: str
@@ -80,14 +84,14 @@ class KeyStore:
         # and answered only while Redis cannot be asked, so a plan that fails open still knows
         # who is calling; forget() (a revocation, a plan change) drops it.
         self._known: dict[str, tuple[str | None, Identity]] = {}
-        self._known_by_account: dict[str, set[str]] = {}
+        self._known_by_account: dict[str, tuple[str, ...]] = {}
         self._secret = secret
         self._ttl = cache_ttl
         self._size = cache_size
         self._clock = clock
         # cache key ("k:<key id>" or "a:<account>") → (expires at, HMAC or None, identity)
         self._cache: dict[str, tuple[float, str | None, Identity]] = {}
-        self._by_account: dict[str, set[str]] = {}
+        self._by_account: dict[str, tuple[str, ...]] = {}
         # Bumped by every invalidation: a lookup that was in flight meanwhile may have read the old
         # state, so its answer is used but not cached.
         self._generation = 0
@@ -209,11 +213,11 @@ class KeyStore:
             if len(self._cache) >= self._size:
                 self._evict_oldest()
             self._cache[cache_key] = (now + self._ttl, digest, identity)
-            self._by_account.setdefault(identity.account, set()).add(cache_key)
+            _index(self._by_account, identity.account, cache_key)
             if len(self._known) >= self._size:
                 self._known.pop(next(iter(self._known)))  # its index entry goes stale: harmless
             self._known[cache_key] = (digest, identity)
-            self._known_by_account.setdefault(identity.account, set()).add(cache_key)
+            _index(self._known_by_account, identity.account, cache_key)
         return digest, identity
 
     def _last_known(self, cache_key: str, cause: RedisError | None) -> tuple[str | None, Identity]:
@@ -228,11 +232,9 @@ class KeyStore:
     def _evict_oldest(self) -> None:
         cache_key, (_, _, identity) = next(iter(self._cache.items()))
         del self._cache[cache_key]
-        keys = self._by_account.get(identity.account)
-        if keys is not None:
-            keys.discard(cache_key)
-            if not keys:
-                del self._by_account[identity.account]
+        keys = tuple(key for key in self._by_account.pop(identity.account, ()) if key != cache_key)
+        if keys:
+            self._by_account[identity.account] = keys
 
     async def _lookup_key(self, key_id: str) -> tuple[str | None, Identity]:
         record = await self._redis.hmget(_key_record(key_id), ["hmac", "account"])
@@ -247,6 +249,13 @@ class KeyStore:
         if plan is None:
             raise Unauthorized("This account has no plan; ask for a key.")
         return None, Identity(account=account, plan=_text(plan), key_id=key_id)
+
+
+def _index(index: dict[str, tuple[str, ...]], account: str, cache_key: str) -> None:
+    """Add `cache_key` to `account`'s entry of `index` (a tuple: an account has a key or two)."""
+    keys = index.get(account, ())
+    if cache_key not in keys:
+        index[account] = (*keys, cache_key)
 
 
 def _check_account(account: str) -> None:
