@@ -127,7 +127,7 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
         services.metrics.requests.labels(plan_label, route.path, record.outcome).inc()
         if plan_label == NO_PLAN and isinstance(exc.__cause__, RedisError | LimitsError):
             services.metrics.redis_errors.labels("authenticate").inc()  # the store guard counts decide's
-        await _answer_error(exc, {"X-Request-Id": record.request_id}, request, record, send)
+        await _answer_error(exc, {"X-Request-Id": record.request_id}, record, send)
         return
     # decision None: admitted while Redis could not decide (on_store_failure: open); nothing charged.
     if decision is not None and not decision.replayed:
@@ -178,7 +178,7 @@ async def _forward(
         answer = await services.forwarder.open(route.upstream, pool, request.scope["method"], path_qs, forwarded, body)
     except BadGateway as exc:
         await charge.refund()
-        await _answer_error(exc, charge.headers, request, record, send)
+        await _answer_error(exc, charge.headers, record, send)
         return "upstream_error"
     finally:
         services.metrics.upstream_seconds.labels(route.path).observe(time.perf_counter() - started)
@@ -195,7 +195,7 @@ async def _forward(
     except BadGateway as exc:  # cut short before the client had anything: answer a clean 502
         upstream_failed = True
         await charge.refund()
-        await _answer_error(exc, charge.headers, request, record, send)
+        await _answer_error(exc, charge.headers, record, send)
         return "upstream_error"
     except CutShort as exc:
         upstream_failed = True
@@ -208,9 +208,7 @@ async def _forward(
     return "upstream_error" if answer.status >= 500 else "refunded"
 
 
-async def _answer_error(
-    exc: ApiError, headers: dict[str, str], request: Incoming, record: RequestRecord, send: Send
-) -> None:
+async def _answer_error(exc: ApiError, headers: dict[str, str], record: RequestRecord, send: Send) -> None:
     record.status = exc.status
     await RawAnswer.of(exc, headers).send(send)
 
