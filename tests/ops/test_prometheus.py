@@ -151,6 +151,13 @@ async def _send(client: httpx.AsyncClient, url: str, key: str, count: int, body:
     return [answer.status_code for answer in answers]
 
 
+async def _charged(client: httpx.AsyncClient, url: str, plan: str) -> float:
+    """`quotagate_images_charged_total` of `plan`, from the gateway's own /metrics (all workers summed)."""
+    text = (await client.get(url + "/metrics")).text
+    wanted = f'quotagate_images_charged_total{{plan="{plan}"}} '
+    return sum(float(line[len(wanted) :]) for line in text.splitlines() if line.startswith(wanted))
+
+
 async def _until_shed(client: httpx.AsyncClient, url: str, key: str) -> list[int]:
     """Free requests, one after another, until one is shed (503).
 
@@ -216,7 +223,13 @@ async def _run(services: ServiceSet, quotas: Path, redis_url: str, prometheus_bi
 
         # Now each alert's condition, for real. Four slow pro images at once: the backend runs one, queues
         # one and refuses two (queue_full); while they hold their places, free requests are shed.
+        charged, deadline = await _charged(client, gateway.url, "pro"), time.monotonic() + DATA_TIMEOUT
         slow = asyncio.ensure_future(_send(client, gateway.url, keys["pro"], 4, SLOW))
+        # Free requests only once all four are admitted: a free request being decided holds a place
+        # too, and could leave the fourth no room (pro is sure of 3 of each worker's 4 places).
+        while await _charged(client, gateway.url, "pro") < charged + 4:
+            assert time.monotonic() < deadline, "the slow pro requests were never admitted"
+            await asyncio.sleep(0.02)
         assert 503 in await _until_shed(client, gateway.url, keys["free-fresh"])
         assert sorted(await slow) == [200, 200, 503, 503]
         assert await _send(client, orphan.url, keys["pro"], 3) == [503, 503, 503]
