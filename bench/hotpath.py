@@ -31,7 +31,7 @@ ROOT = BENCH.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from overhead import BODY, PATH, QUOTAS, SECRET, STUB_ANSWER, cores, need, nginx_conf, spawn, wait_answering  # noqa: E402
+from overhead import BODY, PATH, QUOTAS, SECRET, cores, need, spawn, stub_command, wait_answering  # noqa: E402
 
 from gateway.app import create_app  # noqa: E402
 from gateway.config import load_config  # noqa: E402
@@ -116,13 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     nginx = need("nginx")
     with tempfile.TemporaryDirectory(prefix="qg-hotpath-") as tmp:
         stub_port = free_port()
-        conf = nginx_conf(
-            Path(tmp),
-            "stub",
-            f"    listen 127.0.0.1:{stub_port};\n"
-            f"    location / {{ default_type application/json; return 200 '{STUB_ANSWER}'; }}",
-        )
-        stub = spawn(load_core, nginx, "-c", str(conf), "-e", str(Path(tmp) / "stub" / "error.log"))
+        stub = spawn(load_core, *stub_command(Path(tmp), nginx, stub_port))
         redis = RedisServer(Path(tmp) / "redis", port=free_port())
         try:
             wait_answering(f"http://127.0.0.1:{stub_port}", stub)

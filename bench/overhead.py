@@ -134,6 +134,17 @@ http {{
     return conf
 
 
+def stub_command(tmp: Path, nginx: str, port: int) -> list[str]:
+    """An nginx answering STUB_ANSWER to every request on `port`: the fast upstream the benches forward to."""
+    conf = nginx_conf(
+        tmp,
+        "stub",
+        f"    listen 127.0.0.1:{port} backlog=4096;\n"
+        f"    location / {{ default_type application/json; return 200 '{STUB_ANSWER}'; }}",
+    )
+    return [nginx, "-c", str(conf), "-e", str(tmp / "stub" / "error.log")]
+
+
 def spawn(
     core: str, *command: str, env: dict[str, str] | None = None, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
@@ -265,13 +276,7 @@ def servers(tmp: Path, server_core: str, load_core: str) -> Iterator[list[Target
 
     try:
         stub_port = free_port()
-        stub_conf = nginx_conf(
-            tmp,
-            "stub",
-            f"    listen 127.0.0.1:{stub_port} backlog=4096;\n"
-            f"    location / {{ default_type application/json; return 200 '{STUB_ANSWER}'; }}",
-        )
-        stub = start(load_core, nginx, "-c", str(stub_conf), "-e", str(tmp / "stub" / "error.log"), log="stub")
+        stub = start(load_core, *stub_command(tmp, nginx, stub_port), log="stub")
         stub_url = f"http://127.0.0.1:{stub_port}"
         wait_answering(stub_url, stub)
 

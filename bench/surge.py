@@ -38,6 +38,7 @@ from typing import Any
 
 import aiohttp
 import redis as redis_py
+from prometheus_client.parser import text_string_to_metric_families
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -227,13 +228,12 @@ def table(results: dict[str, Any]) -> str:
 
 def _samples(exposition: str, name: str) -> list[tuple[dict[str, str], float]]:
     """The samples of `name` in a Prometheus text exposition, with their labels."""
-    found = []
-    for line in exposition.splitlines():
-        if line.startswith(name + "{"):
-            labels, _, value = line[len(name) + 1 :].rpartition("} ")
-            pairs = (pair.split("=", 1) for pair in labels.split(","))
-            found.append(({key: raw.strip('"') for key, raw in pairs}, float(value)))
-    return found
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == name
+    ]
 
 
 def cpu_by_process(pids: dict[str, list[int]]) -> dict[str, float]:

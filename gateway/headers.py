@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+from functools import lru_cache
 
 from limits import Bucket, DailyQuota, Decision, LimitSet
 
@@ -79,15 +80,8 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
 
 
-# LimitSet → its RateLimit-Policy, keyed by identity: a LimitSet is built once per config load, and
-# hashing one (every limit's every field) on each request cost more than building the string.
-_policies: dict[int, tuple[LimitSet, str]] = {}
-
-
+@lru_cache(maxsize=64)
 def _policy(limits: LimitSet) -> str:
-    known = _policies.get(id(limits))
-    if known is not None and known[0] is limits:
-        return known[1]
     entries = []
     for limit in limits:
         if limit.shadow:
@@ -96,8 +90,4 @@ def _policy(limits: LimitSet) -> str:
             entries.append(f'"{limit.name}";q={limit.burst};w={math.ceil(limit.burst * limit.interval_us / 1e6)}')
         elif limit.limit is not None:
             entries.append(f'"{limit.name}";q={limit.limit};w=86400')
-    policy = ", ".join(entries)
-    if len(_policies) >= 256:  # config loads pile up LimitSets; start afresh now and then
-        _policies.clear()
-    _policies[id(limits)] = (limits, policy)  # the entry holds `limits`, so its id is not reused
-    return policy
+    return ", ".join(entries)

@@ -66,6 +66,11 @@ class LimitSet:
     quotas: tuple[DailyQuota, ...] = ()
     bucket_args: tuple[int, ...] = field(init=False, repr=False, compare=False)
     shadow_arg: str = field(init=False, repr=False, compare=False)  # '1' per shadow limit, in order; '' if none
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __hash__(self) -> int:
+        # Hashed once: the gateway looks up per-LimitSet values (its RateLimit-Policy) on every request.
+        return self._hash
 
     def __post_init__(self) -> None:
         counters = [limit.counter for limit in self]
@@ -75,6 +80,7 @@ class LimitSet:
         object.__setattr__(self, "bucket_args", args)
         shadow = "".join("1" if limit.shadow else "0" for limit in self)
         object.__setattr__(self, "shadow_arg", shadow if "1" in shadow else "")
+        object.__setattr__(self, "_hash", hash((self.buckets, self.quotas)))
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         yield from self.buckets

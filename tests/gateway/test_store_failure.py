@@ -184,22 +184,35 @@ async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture
+def pro_open_file(tmp_path: Path) -> Path:
+    """PRO_OPEN in a file, for gateway processes."""
+    path = tmp_path / "quotas.yaml"
+    path.write_text(PRO_OPEN)
+    return path
+
+
+@pytest.fixture
+async def own_keys(own_redis: RedisServer) -> dict[str, str]:
+    """A free and a pro key, made on the test's own Redis."""
+    redis = Redis.from_url(own_redis.url)
+    try:
+        store = KeyStore(redis, SECRET)
+        return {plan: await store.create_key(f"acct-{plan}", plan) for plan in ("free", "pro")}
+    finally:
+        await redis.aclose()
+
+
 async def _generate(client: httpx.AsyncClient, gateway: GatewayProcess, key: str) -> httpx.Response:
     body = {"prompt": "a lighthouse", "n": 1}
     return await client.post(f"{gateway.url}{PATH}", json=body, headers={"Authorization": f"Bearer {key}"})
 
 
 async def test_redis_killed_and_restarted_under_both_failure_modes(
-    own_redis: RedisServer, upstream: StubUpstream, tmp_path: Path
+    own_redis: RedisServer, own_keys: dict[str, str], pro_open_file: Path, upstream: StubUpstream, tmp_path: Path
 ) -> None:
-    quota_file = tmp_path / "quotas.yaml"
-    quota_file.write_text(PRO_OPEN)
-    redis = Redis.from_url(own_redis.url)
-    store = KeyStore(redis, SECRET)
-    keys = {plan: await store.create_key(f"acct-{plan}", plan) for plan in ("free", "pro")}
-    await redis.aclose()
-
-    with gateway_processes(2, quota_file, own_redis.url, upstream.url, tmp_path) as gateways:
+    keys = own_keys
+    with gateway_processes(2, pro_open_file, own_redis.url, upstream.url, tmp_path) as gateways:
         async with httpx.AsyncClient(timeout=ANSWER_WITHIN) as client:
             for gateway in gateways:  # each replica has seen both keys while Redis was up
                 for key in keys.values():
@@ -240,15 +253,10 @@ async def test_redis_killed_and_restarted_under_both_failure_modes(
 
 
 async def test_a_hung_redis_costs_requests_a_timeout_at_most_then_the_breaker_answers(
-    own_redis: RedisServer, upstream: StubUpstream, tmp_path: Path
+    own_redis: RedisServer, own_keys: dict[str, str], pro_open_file: Path, upstream: StubUpstream, tmp_path: Path
 ) -> None:
-    quota_file = tmp_path / "quotas.yaml"
-    quota_file.write_text(PRO_OPEN)
-    redis = Redis.from_url(own_redis.url)
-    keys = {plan: await KeyStore(redis, SECRET).create_key(f"acct-{plan}", plan) for plan in ("free", "pro")}
-    await redis.aclose()
-
-    with gateway_processes(1, quota_file, own_redis.url, upstream.url, tmp_path) as (gateway,):
+    keys = own_keys
+    with gateway_processes(1, pro_open_file, own_redis.url, upstream.url, tmp_path) as (gateway,):
         async with httpx.AsyncClient(timeout=ANSWER_WITHIN) as client:
             for key in keys.values():
                 assert (await _generate(client, gateway, key)).status_code == 200

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.identity import KeyStore
 from limits import connect
@@ -153,9 +154,13 @@ async def _send(client: httpx.AsyncClient, url: str, key: str, count: int, body:
 
 async def _charged(client: httpx.AsyncClient, url: str, plan: str) -> float:
     """`quotagate_images_charged_total` of `plan`, from the gateway's own /metrics (all workers summed)."""
-    text = (await client.get(url + "/metrics")).text
-    wanted = f'quotagate_images_charged_total{{plan="{plan}"}} '
-    return sum(float(line[len(wanted) :]) for line in text.splitlines() if line.startswith(wanted))
+    families = text_string_to_metric_families((await client.get(url + "/metrics")).text)
+    return sum(
+        sample.value
+        for family in families
+        for sample in family.samples
+        if sample.name == "quotagate_images_charged_total" and sample.labels == {"plan": plan}
+    )
 
 
 async def _until_shed(client: httpx.AsyncClient, url: str, key: str) -> list[int]:
