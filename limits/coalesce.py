@@ -3,9 +3,9 @@
 Measured here, one redis-py EVALSHA costs ~55 µs of client CPU, one in a 64-deep redis-py pipeline
 ~14 µs, and redis-py's public `read_response` alone ~9 µs per reply. So the engine keeps one
 connection of its own: calls made while the loop runs other requests' code are queued, packed by
-hiredis and written together on the next turn; one reader task parses every reply with hiredis and
-hands each to its caller, in the order Redis answers (the order they were written). A lone call
-waits for nothing: its turn ends at once.
+hiredis and written together on the next turn; replies are parsed by hiredis as they arrive, in the
+transport's own callback (no reader task, no stream), and each goes to its caller in the order Redis
+answers (the order they were written). A lone call waits for nothing: its turn ends at once.
 
 redis-py still opens the connection (URL, TLS, AUTH, SELECT and timeouts as the client was
 configured), and the connection is checked out of the client's pool, so closing the client closes it.
@@ -62,7 +62,6 @@ class Coalescer:
         self._conn: AbstractConnection | None = None
         self._retired: list[AbstractConnection] = []  # lost connections, to hand back to the pool
         self._connecting: asyncio.Task[None] | None = None
-        self._reading: asyncio.Task[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
 
     async def call(self, script: Script, keys: list[str], args: list[Any]) -> Any:
@@ -107,22 +106,16 @@ class Coalescer:
             return
         finally:
             self._connecting = None
+        transport = _writer(conn).transport
+        transport.set_protocol(_Replies(self, conn, transport.get_protocol()))
         self._conn = conn
-        self._reading = asyncio.create_task(self._read(conn))
         if self._queue:
             self._flush()
 
-    async def _read(self, conn: AbstractConnection) -> None:
-        parser = hiredis.Reader(replyError=ResponseError)
-        reader = _reader(conn)
-        try:
-            while data := await reader.read(1 << 16):
-                parser.feed(data)
-                while (reply := parser.gets()) is not False:
-                    self._settle(self._sent.popleft(), reply)
-            self._drop(conn, ConnectionError("redis closed the connection"))
-        except Exception as exc:  # noqa: BLE001 - a broken connection fails its callers, not the loop
-            self._drop(conn, ConnectionError(f"redis connection lost: {exc}"))
+    def _replied(self, conn: AbstractConnection, reply: Any) -> None:
+        if conn is not self._conn or not self._sent:  # a dropped connection's late bytes; nothing asked
+            return
+        self._settle(self._sent.popleft(), reply)
 
     def _settle(self, call: _Call, reply: Any) -> None:
         if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
@@ -166,11 +159,42 @@ class Coalescer:
                 call.future.set_exception(error)
 
 
+class _Replies(asyncio.Protocol):
+    """The connection's protocol once the coalescer has it: each reply is parsed and settled as bytes arrive.
+
+    redis-py's stream protocol stays behind it and still hears of the connection's end, so that
+    redis-py's own close (`disconnect`, when the pool is closed) completes.
+    """
+
+    def __init__(self, coalescer: Coalescer, conn: AbstractConnection, streams: asyncio.BaseProtocol) -> None:
+        self._coalescer = coalescer
+        self._conn = conn
+        self._streams = streams
+        self._parser = hiredis.Reader(replyError=ResponseError)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed(data)
+            while (reply := self._parser.gets()) is not False:
+                self._coalescer._replied(self._conn, reply)  # noqa: SLF001 - its own helper
+        except hiredis.ProtocolError as exc:
+            self._coalescer._drop(self._conn, ConnectionError(f"redis sent what is not RESP: {exc}"))  # noqa: SLF001
+
+    def eof_received(self) -> None:
+        self._coalescer._drop(self._conn, ConnectionError("redis closed the connection"))  # noqa: SLF001
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._coalescer._drop(self._conn, ConnectionError(f"redis connection lost: {exc or 'closed'}"))  # noqa: SLF001
+        self._streams.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._streams.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._streams.resume_writing()
+
+
 # redis-py keeps a connection's asyncio streams in these attributes; the engine reads and writes
 # them directly because redis-py's per-reply path costs ~9 µs of CPU where hiredis alone costs ~1 µs.
-def _reader(conn: AbstractConnection) -> asyncio.StreamReader:
-    return conn._reader  # type: ignore[return-value]  # noqa: SLF001
-
-
 def _writer(conn: AbstractConnection) -> asyncio.StreamWriter:
     return conn._writer  # type: ignore[return-value]  # noqa: SLF001

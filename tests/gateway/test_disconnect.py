@@ -19,7 +19,7 @@ def anyio_backend() -> str:
 async def test_a_client_that_leaves_cancels_the_block_and_is_told() -> None:
     messages: asyncio.Queue[dict[str, object]] = asyncio.Queue()
     reached_the_end = False
-    async with CancelOnDisconnect(messages.get) as watch:
+    async with CancelOnDisconnect(messages.get, after=0) as watch:
         messages.put_nowait({"type": "http.request", "body": b"", "more_body": False})  # skipped
         messages.put_nowait({"type": "http.disconnect"})
         await asyncio.Event().wait()  # the upstream that never answers
@@ -31,8 +31,8 @@ async def test_a_client_that_leaves_cancels_the_block_and_is_told() -> None:
 
 async def test_a_block_that_ends_first_is_not_cancelled_later() -> None:
     messages: asyncio.Queue[dict[str, object]] = asyncio.Queue()
-    async with CancelOnDisconnect(messages.get) as watch:
-        pass
+    async with CancelOnDisconnect(messages.get, after=0) as watch:
+        await asyncio.sleep(0)  # the watcher starts
     messages.put_nowait({"type": "http.disconnect"})
     await asyncio.sleep(0)
     await asyncio.sleep(0)
@@ -45,7 +45,7 @@ async def test_a_cancellation_from_elsewhere_goes_through() -> None:
     watches: list[CancelOnDisconnect] = []
 
     async def request() -> None:
-        async with CancelOnDisconnect(messages.get) as watch:
+        async with CancelOnDisconnect(messages.get, after=0) as watch:
             watches.append(watch)
             started.set()
             await asyncio.Event().wait()
@@ -56,3 +56,18 @@ async def test_a_cancellation_from_elsewhere_goes_through() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not watches[0].gone
+
+
+async def test_a_block_shorter_than_the_delay_never_watches() -> None:
+    received = 0
+
+    async def receive() -> dict[str, object]:
+        nonlocal received
+        received += 1
+        return {"type": "http.disconnect"}
+
+    async with CancelOnDisconnect(receive, after=60) as watch:
+        await asyncio.sleep(0)  # the block waits on something quick, as for a fast upstream
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert received == 0 and not watch.gone
