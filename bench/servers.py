@@ -22,6 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.forward import upstream_session
+from gateway.settings import Settings
+
 ANSWER = {"created": 0, "data": [{"b64_json": "aW1hZ2U="}]}
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "host", "content-length"})
 
@@ -42,9 +45,9 @@ def passthrough_app() -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # The gateway's session settings (gateway/app.py), so the two differ only by what the gateway adds.
-        app.state.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), auto_decompress=False
+        # The gateway's own session, timeouts included, so the two differ only by what the gateway adds.
+        app.state.session = upstream_session(
+            connect_timeout=Settings.upstream_connect_timeout, read_timeout=Settings.upstream_read_timeout
         )
         yield
         await app.state.session.close()

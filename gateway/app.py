@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
@@ -31,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.authguard import FailedAuthGuard
 from gateway.config import Config, load_config
 from gateway.errors import ApiError, ConfigError, NotFound, handle_api_error
-from gateway.forward import Forwarder
+from gateway.forward import Forwarder, upstream_session
 from gateway.identity import KeyStore
 from gateway.logs import configure_logging
 from gateway.metrics import GatewayMetrics, render, worker_exited
@@ -114,12 +113,8 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         redis = connect(settings.redis_url, timeout=settings.redis_timeout)
-        session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(
-                sock_connect=settings.upstream_connect_timeout, sock_read=settings.upstream_read_timeout
-            ),
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-            auto_decompress=False,
+        session = upstream_session(
+            connect_timeout=settings.upstream_connect_timeout, read_timeout=settings.upstream_read_timeout
         )
         if isinstance(redis, Redis):
             # A pooled connection that Redis closed (it restarted) fails once; try again at once on a

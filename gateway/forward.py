@@ -43,6 +43,22 @@ INTERNAL_PREFIX = "x-quotagate-"
 _OVERLOADED = 503
 
 
+# aiohttp adds these unless told not to; a proxy sends the client's own or none. Its Accept-Encoding
+# would ask the upstream to compress for a client that never said it can read gzip.
+_NOT_ADDED = ("Accept", "Accept-Encoding", "User-Agent")
+
+
+def upstream_session(*, connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
+    """The HTTP client every request is forwarded over: pooled keep-alive connections, no limit of its own."""
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout),
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        auto_decompress=False,  # bodies are relayed as they came
+        cookie_jar=aiohttp.DummyCookieJar(),  # shared by every user: it must keep no upstream's cookies
+        skip_auto_headers=_NOT_ADDED,
+    )
+
+
 def upstream_headers(
     client_headers: Mapping[str, str], extra: Mapping[str, str], *, drop: Iterable[str] = ()
 ) -> CIMultiDict[str]:

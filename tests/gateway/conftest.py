@@ -75,7 +75,7 @@ class StubUpstream:
                 return StreamingResponse(self._split(answer, self.gate), media_type="application/json")
             if self.gate is not None:
                 await _opened(self.gate)
-            return Response(answer, media_type="application/json")
+            return Response(answer, media_type="application/json", headers=self.extra_headers)
 
         return Starlette(routes=[Route("/v1/images/generations", images, methods=["POST"])])
 
