@@ -20,9 +20,15 @@ from limits.nearcache import DenialCache
 
 
 class Refusals:
-    """The rendered refusal of each account the near-cache holds as exhausted."""
+    """The rendered refusal of each account the near-cache holds as exhausted, for the last `size` accounts.
 
-    def __init__(self, near_cache: DenialCache, *, size: int = 100_000) -> None:
+    A rendering is good only as long as the near-cache serves the same refusal (REFRESH_S), so only
+    the accounts refused just now are worth keeping: a few hundred at thousands of refusals a second.
+    Keeping one per spent account (100,000) held objects that Python's collector scans on every full
+    collection, and its pauses grew with them.
+    """
+
+    def __init__(self, near_cache: DenialCache, *, size: int = 1024) -> None:
         self._near_cache = near_cache
         self._size = size
         self._rendered: dict[str, tuple[Decision, RawAnswer]] = {}

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -20,7 +20,7 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from limits.decision import Decision
+from limits.decision import Decision, LimitState
 from limits.policy import DailyQuota, LimitSet
 
 INVALIDATIONS = "qg:invalidate"
@@ -31,42 +31,59 @@ log = logging.getLogger("quotagate.limits")
 # A refusal served from the cache is rebuilt, its waits shortened, at most this often; in between
 # the same answer is served again, overstating the wait by at most this much (never understating it).
 REFRESH_S = 0.05
+# Distinct limit sets (plans × config versions) entries may name before the cache starts afresh.
+MAX_LIMIT_SETS = 1024
 
 
-@dataclasses.dataclass(slots=True)
-class _Entry:
-    limits: LimitSet
-    stored_at: float
-    decision: Decision  # as Redis answered it
-    served_at: float  # when `served` was made from it
-    served: Decision  # `decision` with its waits shortened by served_at - stored_at
+# A refusal as plain values: (allowed, cost, now_us, idempotency key, replayed, index of the refusing
+# state, and per state (remaining, reset_after, retry_after, day_start_us)).
+_Plain = tuple[bool, int, int, str | None, bool, int, tuple[tuple[int | None, float, float | None, int], ...]]
+# Per account: (id of the LimitSet it was refused under, when it was stored, the refusal).
+_Entry = tuple[int, float, _Plain]
 
 
 class DenialCache:
-    """Refusals by an exhausted daily quota, kept until the quota's day ends; one entry per account."""
+    """Refusals by an exhausted daily quota, kept until the quota's day ends; one entry per account.
+
+    An entry holds only numbers, strings and tuples of them, which Python's collector stops tracking:
+    100,000 entries do not lengthen its full collections. As objects (a Decision and its states per
+    account) they did, by ~70 ms a collection once 20,000 accounts were spent (bench/surge.py), and
+    every request in flight waited that long. The Decision objects served are built from an entry
+    again at most every REFRESH_S, and kept only for that long.
+    """
 
     def __init__(self, *, size: int = 100_000, clock: Callable[[], float] = time.time) -> None:
         self._size = size
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
+        self._limit_sets: dict[int, LimitSet] = {}  # by id; held, so an id is not reused while entries name it
+        self._served: dict[str, Decision] = {}  # built in the current window of REFRESH_S, by account
+        self._window_start = -math.inf
 
     def get(self, account: str, limits: LimitSet, now: float | None = None) -> Decision | None:
         """The cached refusal, its waits shortened by the time since; None if there is none."""
         entry = self._entries.get(account)
         if entry is None:
             return None
-        if entry.limits is not limits and entry.limits != limits:  # another plan, or ops changed it
+        limit_set_id, stored_at, plain = entry
+        stored_under = self._limit_sets[limit_set_id]
+        if stored_under is not limits and stored_under != limits:  # another plan, or ops changed it
             return None
         at = self._clock() if now is None else now
-        if 0 <= at - entry.served_at < REFRESH_S:
-            return entry.served
-        elapsed = at - entry.stored_at
-        retry_after = entry.decision.retry_after
+        if 0 <= at - self._window_start < REFRESH_S:
+            served = self._served.get(account)
+            if served is not None:
+                return served
+        else:  # a new window: what was served before is rebuilt when asked for
+            self._served.clear()
+            self._window_start = at
+        elapsed = at - stored_at
+        retry_after = _retry_after(stored_under, plain)
         if retry_after is None or elapsed >= retry_after:
             del self._entries[account]
             return None
-        entry.served, entry.served_at = _aged(entry.decision, elapsed), at
-        return entry.served
+        served = self._served[account] = _decision(stored_under, plain, elapsed)
+        return served
 
     def remember(self, account: str, limits: LimitSet, decision: Decision, now: float | None = None) -> None:
         """Keep `decision` if a daily quota with nothing left refused it: no request can pass until T."""
@@ -75,15 +92,22 @@ class DenialCache:
             return
         if len(self._entries) >= self._size and account not in self._entries:
             self._entries.pop(next(iter(self._entries)))
+        if len(self._limit_sets) >= MAX_LIMIT_SETS and id(limits) not in self._limit_sets:
+            self.clear()  # config reloaded this many times: start again rather than hold every old limit set
+        self._limit_sets[id(limits)] = limits
         at = self._clock() if now is None else now
-        self._entries[account] = _Entry(limits, at, decision, at, dataclasses.replace(decision, cached=True))
+        self._entries[account] = (id(limits), at, _plain(decision))
+        self._served.pop(account, None)
 
     def forget(self, account: str) -> None:
         """Drop `account`'s entry (after a grant or reset)."""
         self._entries.pop(account, None)
+        self._served.pop(account, None)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._limit_sets.clear()
+        self._served.clear()
 
     async def follow(self, redis: Redis, stop: asyncio.Event, *, retry_every: float = 1.0) -> None:
         """Drop entries as grants and resets are announced, until `stop` is set (see follow_invalidations)."""
@@ -130,15 +154,49 @@ async def follow_invalidations(
                 await asyncio.wait_for(stop.wait(), retry_every)
 
 
-def _aged(decision: Decision, elapsed: float) -> Decision:
-    """`decision` as seen `elapsed` seconds later, marked as served from the cache."""
-    states = tuple(
-        dataclasses.replace(
-            s,
-            reset_after=max(s.reset_after - elapsed, 0.0),
-            retry_after=None if s.retry_after is None else max(s.retry_after - elapsed, 0.0),
-        )
-        for s in decision.states
+def _plain(decision: Decision) -> _Plain:
+    states = tuple((s.remaining, s.reset_after, s.retry_after, s.day_start_us) for s in decision.states)
+    assert decision.denied_by is not None
+    refusing = decision.states.index(decision.denied_by)
+    return (
+        decision.allowed,
+        decision.cost,
+        decision.now_us,
+        decision.idempotency_key,
+        decision.replayed,
+        refusing,
+        states,
     )
-    denied = states[decision.states.index(decision.denied_by)] if decision.denied_by else None
-    return dataclasses.replace(decision, states=states, denied_by=denied, cached=True)
+
+
+def _retry_after(limits: LimitSet, plain: _Plain) -> float | None:
+    """Decision.retry_after, read from the plain values."""
+    waits = [retry for limit, (_, _, retry, _) in zip(limits, plain[6], strict=True) if not limit.shadow]
+    if any(wait is None for wait in waits):
+        return None
+    return max((wait for wait in waits if wait is not None), default=0.0)
+
+
+def _decision(limits: LimitSet, plain: _Plain, elapsed: float) -> Decision:
+    """The refusal `plain` holds, as seen `elapsed` seconds after it was stored, marked as served from the cache."""
+    allowed, cost, now_us, idempotency_key, replayed, refusing, values = plain
+    states = tuple(
+        LimitState(
+            limit,
+            remaining,
+            max(reset_after - elapsed, 0.0),
+            None if retry_after is None else max(retry_after - elapsed, 0.0),
+            day_start_us,
+        )
+        for limit, (remaining, reset_after, retry_after, day_start_us) in zip(limits, values, strict=True)
+    )
+    return Decision(
+        allowed=allowed,
+        cost=cost,
+        now_us=now_us,
+        states=states,
+        denied_by=states[refusing],
+        idempotency_key=idempotency_key,
+        replayed=replayed,
+        cached=True,
+    )
