@@ -396,8 +396,8 @@ def table(results: dict[str, Any]) -> str:
     runs, lines = results["runs"], [f"{results['pinning']}; {results['duration_s']:.0f} s per run.", ""]
     lines += [
         "| server | connections | requests/s | ratio to bare app | p50 ms | p99 ms | server CPU µs/request | "
-        "unexpected status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "unexpected status | socket errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in results["concurrency"]:
         bare = runs["bare app"][str(c)]["per_s"]
@@ -406,7 +406,7 @@ def table(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {c} | {run['per_s']:,.0f} | {run['per_s'] / bare:.2f} | {run.get('p50_ms', 0):.2f} | "
                 f"{run.get('p99_ms', 0):.2f} | {run['server_cpu_us']:.0f} | "
-                f"{run['unexpected_status'] + run['socket_errors']} |"
+                f"{run['unexpected_status']} | {run['socket_errors']} |"
             )
     names = list(next(iter(results["ratios"].values())))
     lines += ["", "| ratio | " + " | ".join(f"c={c}" for c in results["concurrency"]) + " |"]
