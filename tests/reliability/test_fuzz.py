@@ -108,8 +108,12 @@ def test_random_bodies_get_no_5xx_and_only_delivered_images_are_charged(
     assert asyncio.run(images_used(redis_url, quotas, "fuzzer", "paid")) == tally["images"]
 
 
-# Header names and values as raw bytes: anything but the CR and LF that end a header line.
+# Header names and values as raw bytes: anything but the CR and LF that end a header line. Half of
+# them well-formed, so that each run has requests that pass too (all-random bytes made every one of
+# 100 requests a 400 in about one run in ten).
 header_bytes = st.binary(min_size=1, max_size=64).filter(lambda b: b"\r" not in b and b"\n" not in b)
+header_names = st.from_regex(rb"\A[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}\Z") | header_bytes
+header_values = st.from_regex(rb"\A[\x20-\x7e]{1,32}\Z") | header_bytes
 
 
 def raw_request(url: str, head: bytes, body: bytes) -> int | None:
@@ -130,7 +134,7 @@ def test_random_header_bytes_get_no_5xx_and_the_gateway_stays_up(gateway: tuple[
     tally: Counter[int | None] = Counter()
 
     @FUZZ
-    @given(name=header_bytes, value=header_bytes, authorized=st.booleans())
+    @given(name=header_names, value=header_values, authorized=st.booleans())
     def send(name: bytes, value: bytes, authorized: bool) -> None:
         head = b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
         if authorized:
