@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -107,7 +108,12 @@ class Coalescer:
         finally:
             self._connecting = None
         transport = _writer(conn).transport
-        transport.set_protocol(_Replies(self, conn, transport.get_protocol()))
+        replies = _Replies(
+            on_reply=lambda reply: self._replied(conn, reply),
+            on_lost=lambda error: self._drop(conn, error),
+            streams=transport.get_protocol(),
+        )
+        transport.set_protocol(replies)
         self._conn = conn
         if self._queue:
             self._flush()
@@ -166,9 +172,15 @@ class _Replies(asyncio.Protocol):
     redis-py's own close (`disconnect`, when the pool is closed) completes.
     """
 
-    def __init__(self, coalescer: Coalescer, conn: AbstractConnection, streams: asyncio.BaseProtocol) -> None:
-        self._coalescer = coalescer
-        self._conn = conn
+    def __init__(
+        self,
+        *,
+        on_reply: Callable[[Any], None],
+        on_lost: Callable[[Exception], None],
+        streams: asyncio.BaseProtocol,
+    ) -> None:
+        self._on_reply = on_reply
+        self._on_lost = on_lost
         self._streams = streams
         self._parser = hiredis.Reader(replyError=ResponseError)
 
@@ -176,15 +188,15 @@ class _Replies(asyncio.Protocol):
         try:
             self._parser.feed(data)
             while (reply := self._parser.gets()) is not False:
-                self._coalescer._replied(self._conn, reply)  # noqa: SLF001 - its own helper
+                self._on_reply(reply)
         except hiredis.ProtocolError as exc:
-            self._coalescer._drop(self._conn, ConnectionError(f"redis sent what is not RESP: {exc}"))  # noqa: SLF001
+            self._on_lost(ConnectionError(f"redis sent what is not RESP: {exc}"))
 
     def eof_received(self) -> None:
-        self._coalescer._drop(self._conn, ConnectionError("redis closed the connection"))  # noqa: SLF001
+        self._on_lost(ConnectionError("redis closed the connection"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._coalescer._drop(self._conn, ConnectionError(f"redis connection lost: {exc or 'closed'}"))  # noqa: SLF001
+        self._on_lost(ConnectionError(f"redis connection lost: {exc or 'closed'}"))
         self._streams.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -194,7 +206,8 @@ class _Replies(asyncio.Protocol):
         self._streams.resume_writing()
 
 
-# redis-py keeps a connection's asyncio streams in these attributes; the engine reads and writes
-# them directly because redis-py's per-reply path costs ~9 µs of CPU where hiredis alone costs ~1 µs.
+# redis-py keeps a connection's asyncio stream writer in this attribute; the engine writes to it, and
+# takes over its transport's replies, because redis-py's per-reply path costs ~9 µs of CPU where
+# hiredis alone costs ~1 µs.
 def _writer(conn: AbstractConnection) -> asyncio.StreamWriter:
     return conn._writer  # type: ignore[return-value]  # noqa: SLF001

@@ -38,8 +38,9 @@ MAX_LIMIT_SETS = 1024
 # A refusal as plain values: (allowed, cost, now_us, idempotency key, replayed, index of the refusing
 # state, and per state (remaining, reset_after, retry_after, day_start_us)).
 _Plain = tuple[bool, int, int, str | None, bool, int, tuple[tuple[int | None, float, float | None, int], ...]]
-# Per account: (id of the LimitSet it was refused under, when it was stored, the refusal).
-_Entry = tuple[int, float, _Plain]
+# Per account: (id of the LimitSet it was refused under, when it was stored, its retry_after then
+# (None: never), the refusal).
+_Entry = tuple[int, float, float | None, _Plain]
 
 
 class DenialCache:
@@ -65,7 +66,7 @@ class DenialCache:
         entry = self._entries.get(account)
         if entry is None:
             return None
-        limit_set_id, stored_at, plain = entry
+        limit_set_id, stored_at, retry_after, plain = entry
         stored_under = self._limit_sets[limit_set_id]
         if stored_under is not limits and stored_under != limits:  # another plan, or ops changed it
             return None
@@ -78,7 +79,6 @@ class DenialCache:
             self._served.clear()
             self._window_start = at
         elapsed = at - stored_at
-        retry_after = _retry_after(stored_under, plain)
         if retry_after is None or elapsed >= retry_after:
             del self._entries[account]
             return None
@@ -96,7 +96,7 @@ class DenialCache:
             self.clear()  # config reloaded this many times: start again rather than hold every old limit set
         self._limit_sets[id(limits)] = limits
         at = self._clock() if now is None else now
-        self._entries[account] = (id(limits), at, _plain(decision))
+        self._entries[account] = (id(limits), at, decision.retry_after, _plain(decision))
         self._served.pop(account, None)
 
     def forget(self, account: str) -> None:
@@ -167,14 +167,6 @@ def _plain(decision: Decision) -> _Plain:
         refusing,
         states,
     )
-
-
-def _retry_after(limits: LimitSet, plain: _Plain) -> float | None:
-    """Decision.retry_after, read from the plain values."""
-    waits = [retry for limit, (_, _, retry, _) in zip(limits, plain[6], strict=True) if not limit.shadow]
-    if any(wait is None for wait in waits):
-        return None
-    return max((wait for wait in waits if wait is not None), default=0.0)
 
 
 def _decision(limits: LimitSet, plain: _Plain, elapsed: float) -> Decision:
