@@ -278,7 +278,9 @@ async def simulate(
     gc.collect()
     gc.freeze()
     cpu_before, wall_before = cpu_by_process(pids), time.monotonic()
-    connector = aiohttp.TCPConnector(limit=args.connections)
+    # Idle connections dropped before the gateway's uvicorn drops them (after 5 s): with aiohttp's 15 s, a
+    # client that waited out a Retry-After now and then sent its request on a connection being closed.
+    connector = aiohttp.TCPConnector(limit=args.connections, keepalive_timeout=4.0)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         record = Recorder()

@@ -43,6 +43,10 @@ INTERNAL_PREFIX = "x-quotagate-"
 _OVERLOADED = 503
 
 
+# An idle upstream connection is dropped after this long: under the 5 s after which uvicorn (the
+# backend's server) closes one, so no request is sent on a connection at the moment the upstream closes
+# it (aiohttp's default of 15 s let that happen: a 502 for a request that never reached the backend).
+UPSTREAM_KEEPALIVE_S = 4.0
 # aiohttp adds these unless told not to; a proxy sends the client's own or none. Its Accept-Encoding
 # would ask the upstream to compress for a client that never said it can read gzip.
 _NOT_ADDED = ("Accept", "Accept-Encoding", "User-Agent")
@@ -52,7 +56,7 @@ def upstream_session(*, connect_timeout: float, read_timeout: float) -> aiohttp.
     """The HTTP client every request is forwarded over: pooled keep-alive connections, no limit of its own."""
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout),
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=UPSTREAM_KEEPALIVE_S),
         auto_decompress=False,  # bodies are relayed as they came
         cookie_jar=aiohttp.DummyCookieJar(),  # shared by every user: it must keep no upstream's cookies
         skip_auto_headers=_NOT_ADDED,
