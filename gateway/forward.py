@@ -45,7 +45,8 @@ _OVERLOADED = 503
 
 # An idle upstream connection is dropped after this long: under the 5 s after which uvicorn (the
 # backend's server) closes one, so no request is sent on a connection at the moment the upstream closes
-# it (aiohttp's default of 15 s let that happen: a 502 for a request that never reached the backend).
+# it. aiohttp's default of 15 s leaves that race open: bench/surge.py's load generator, an aiohttp
+# client too, lost 0-3 requests a run to it against the gateway's own uvicorn.
 UPSTREAM_KEEPALIVE_S = 4.0
 # aiohttp adds these unless told not to; a proxy sends the client's own or none. Its Accept-Encoding
 # would ask the upstream to compress for a client that never said it can read gzip.
