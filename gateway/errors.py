@@ -99,6 +99,11 @@ def error_response(exc: ApiError, extra_headers: Mapping[str, str] | None = None
     return Response(error_body(exc), status_code=exc.status, headers=headers, media_type="application/json")
 
 
+def asgi_headers(fields: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """`fields` as an ASGI answer carries them: lower-case names and values, in latin-1 bytes."""
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in fields.items()]
+
+
 @dataclass(frozen=True, slots=True)
 class RawAnswer:
     """An error answer rendered for plain ASGI (the proxy's hot path), as `error_response` renders it."""
@@ -111,8 +116,7 @@ class RawAnswer:
     def of(cls, exc: ApiError, extra_headers: Mapping[str, str] | None = None) -> RawAnswer:
         body = error_body(exc)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode("latin-1"))]
-        fields = {**(extra_headers or {}), **exc.headers}
-        headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in fields.items()]
+        headers += asgi_headers({**(extra_headers or {}), **exc.headers})
         return cls(exc.status, headers, body)
 
     async def send(self, send: Send, request_id: str | None = None) -> None:

@@ -11,6 +11,7 @@ second of a bare Starlette app and an aiohttp one 0.31× (httpx's pool costs ~1 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -65,10 +66,10 @@ def upstream_session(*, connect_timeout: float, read_timeout: float) -> aiohttp.
 
 
 def upstream_headers(
-    client_headers: Mapping[str, str], extra: Mapping[str, str], *, drop: Iterable[str] = ()
+    client_headers: Mapping[str, str], extra: Mapping[str, str], *, drop: tuple[str, ...] = ()
 ) -> CIMultiDict[str]:
     """The client's headers less hop-by-hop, credentials, internal ones and `drop`, plus the gateway's own."""
-    dropped = {name.lower() for name in drop} | {"authorization"}
+    dropped = _dropped(drop)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in client_headers.items():
         lower = name.lower()
@@ -77,6 +78,12 @@ def upstream_headers(
         out.add(name, value)
     out.update(extra)
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _dropped(drop: tuple[str, ...]) -> frozenset[str]:
+    """The lower-case names never forwarded besides hop-by-hop ones: worked out once, not per request."""
+    return frozenset(name.lower() for name in drop) | {"authorization"}
 
 
 def client_headers(upstream: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

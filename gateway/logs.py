@@ -17,9 +17,6 @@ import orjson
 LOGGER = "quotagate"
 FORMATS = ("auto", "json", "text")
 
-# orjson, not the standard library's json: a request line's object took ~5 µs to encode with a
-# reused json.JSONEncoder and takes ~0.4 µs with orjson (timeit here), on every request.
-
 
 class FieldsFormatter(logging.Formatter):
     """A line of `ts`, level, logger, message and the record's `fields`; subclasses choose the layout."""
@@ -50,6 +47,8 @@ class JsonFormatter(FieldsFormatter):
         }
         if error is not None:
             line["error"] = error
+        # orjson, not the standard library's json: a request line's object took ~5 µs to encode with
+        # a reused json.JSONEncoder and takes ~0.4 µs with orjson (timeit here), on every request.
         return orjson.dumps(line, default=str).decode()
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from starlette.types import Send
 
 from gateway.config import Plan
-from gateway.errors import BadGateway
+from gateway.errors import BadGateway, asgi_headers
 from gateway.forward import UpstreamAnswer
 from gateway.headers import rate_limit_headers
 from gateway.identity import Identity
@@ -100,7 +100,7 @@ async def relay(answer: UpstreamAnswer, headers: Mapping[str, str], send: Send) 
     BadGateway if the upstream breaks off before anything was sent (the caller answers instead);
     CutShort if it breaks off once the head has gone out.
     """
-    ours = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+    ours = asgi_headers(headers)
     taken = {name for name, _ in ours}
     head = [(name, value) for name, value in answer.raw_headers if name not in taken] + ours
     length = answer.content_length
