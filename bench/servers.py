@@ -22,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.forward import upstream_session
 from gateway.settings import Settings
+from gateway.upstream_client import UPSTREAM_KEEPALIVE_S
 
 ANSWER = {"created": 0, "data": [{"b64_json": "aW1hZ2U="}]}
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "host", "content-length"})
@@ -45,9 +45,15 @@ def passthrough_app() -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # The gateway's own session, timeouts included, so the two differ only by what the gateway adds.
-        app.state.session = upstream_session(
-            connect_timeout=Settings.upstream_connect_timeout, read_timeout=Settings.upstream_read_timeout
+        # The gateway's timeouts and keep-alive, and none of aiohttp's extras a proxy does without.
+        app.state.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(
+                sock_connect=Settings.upstream_connect_timeout, sock_read=Settings.upstream_read_timeout
+            ),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
         )
         yield
         await app.state.session.close()

@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.authguard import FailedAuthGuard
 from gateway.config import Config, load_config
 from gateway.errors import ApiError, ConfigError, NotFound, handle_api_error
-from gateway.forward import Forwarder, upstream_session
+from gateway.forward import Forwarder
 from gateway.identity import KeyStore
 from gateway.logs import configure_logging
 from gateway.metrics import GatewayMetrics, render, worker_exited
@@ -44,6 +44,7 @@ from gateway.requestlog import logged
 from gateway.settings import Settings
 from gateway.shedding import Shedder
 from gateway.storefailure import CircuitBreaker, LocalBudget, StoreGuard
+from gateway.upstream_client import UpstreamClient
 from limits import Engine, RedisClient, connect
 from limits.nearcache import DenialCache, follow_invalidations
 
@@ -113,7 +114,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         redis = connect(settings.redis_url, timeout=settings.redis_timeout)
-        session = upstream_session(
+        upstream_client = UpstreamClient(
             connect_timeout=settings.upstream_connect_timeout, read_timeout=settings.upstream_read_timeout
         )
         if isinstance(redis, Redis):
@@ -138,7 +139,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             else None
         )
         engine = Engine(redis, near_cache=near_cache)
-        forwarder = Forwarder(session, settings.upstreams)
+        forwarder = Forwarder(upstream_client, settings.upstreams)
         for pool in settings.upstreams:
             metrics.upstream_healthy.labels(pool).set(forwarder.healthy(pool))
         stop_watching = asyncio.Event()
@@ -173,7 +174,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
                 stop_following.set()
                 follower.cancel()
                 await asyncio.wait([follower])
-            await session.close()
+            await upstream_client.close()
             await redis.aclose()
             worker_exited()
 

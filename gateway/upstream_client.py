@@ -1,0 +1,379 @@
+"""The HTTP/1.1 client the gateway forwards over: keep-alive connections per upstream, parsed by httptools.
+
+A proxy needs little of a general client: no cookies, redirects, decompression, proxies or retries;
+one request at a time per connection, the answer's head, then its body read whole or as it comes.
+This is that much and no more, on an asyncio protocol, with httptools (llhttp, the parser uvicorn
+and Node.js use) reading the answers. Measured here (bench/overhead.py), aiohttp's client cost the
+gateway ~100 µs of CPU per forwarded request more than this one.
+
+An idle connection is closed after `keepalive` seconds, under the 5 s after which uvicorn (the
+backend's server) closes one, so no request goes out on a connection the upstream is closing. The
+read timeout bounds the silence between two reads, as aiohttp's `sock_read` did: an image that takes
+a minute to make is fine, a stalled upstream is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+# Under the 5 s keep-alive of uvicorn, the backend's server.
+UPSTREAM_KEEPALIVE_S = 4.0
+# Past this many unread body bytes the connection stops reading until the relay catches up.
+HIGH_WATER = 1 << 20
+# Methods whose request is sent with a Content-Length even when empty (RFC 9110 §8.6).
+_WITH_CONTENT = frozenset({"POST", "PUT", "PATCH"})
+
+
+class UpstreamError(Exception):
+    """No complete answer: refused, reset, timed out, or not HTTP."""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where an upstream URL's requests go: scheme, host and port, and the path they are prefixed with."""
+
+    scheme: str
+    host: str
+    port: int
+    prefix: str
+    host_header: str
+
+    @classmethod
+    def parse(cls, url: str) -> Origin:
+        """`http://backend:8001/api` → Origin("http", "backend", 8001, "/api", "backend:8001")."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
+        default = 443 if parts.scheme == "https" else 80
+        port = parts.port or default
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        host_header = host if port == default else f"{host}:{port}"
+        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"), host_header)
+
+
+class Answer:
+    """An upstream's status and headers; its body is still to come. End with `release` (or `close`)."""
+
+    __slots__ = ("status", "headers", "content_length", "_connection", "_client", "_ended")
+
+    def __init__(self, client: UpstreamClient, connection: _Connection) -> None:
+        self.status = connection.status
+        self.headers = connection.headers  # as received: (name, value) bytes
+        self.content_length = connection.content_length  # None: chunked, or read to the connection's end
+        self._connection = connection
+        self._client = client
+        self._ended = False
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived."""
+        return self._connection.complete
+
+    async def read(self) -> bytes:
+        """The whole body; UpstreamError if the upstream cuts it short or falls silent too long."""
+        connection = self._connection
+        while not connection.complete:
+            await connection.more()
+        return b"".join(connection.take())
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; UpstreamError if the upstream cuts it short or falls silent too long."""
+        connection = self._connection
+        while True:
+            for chunk in connection.take():
+                yield chunk
+            if connection.complete:
+                return
+            await connection.more()
+
+    def release(self) -> None:
+        """Done with the answer: its connection goes back to the pool if the body was read to its end."""
+        if self._ended:
+            return
+        self._ended = True
+        connection = self._connection
+        if connection.complete and connection.reusable:
+            self._client.put_back(connection)
+        else:
+            connection.close()
+
+    def close(self) -> None:
+        """Done with the answer, and its connection too."""
+        self._ended = True
+        self._connection.close()
+
+
+class UpstreamClient:
+    """Pooled keep-alive HTTP/1.1 connections to any number of upstreams; no limit of its own."""
+
+    def __init__(self, *, connect_timeout: float, read_timeout: float, keepalive: float = UPSTREAM_KEEPALIVE_S) -> None:
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.keepalive = keepalive
+        self._idle: dict[Origin, deque[_Connection]] = {}
+        self._tls: ssl.SSLContext | None = None
+        self._open: set[_Connection] = set()
+
+    async def send(
+        self, origin: Origin, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes
+    ) -> Answer:
+        """Send one request; the answer's head. UpstreamError if none came (refused, reset or timed out)."""
+        head = _request_head(origin, method, target, headers, body)
+        connection = self._pooled(origin) or await self._connect(origin)
+        connection.begin(head, body)
+        try:
+            await connection.head()
+        except BaseException:  # failed, or cancelled: the client went away first
+            connection.close()
+            raise
+        return Answer(self, connection)
+
+    def put_back(self, connection: _Connection) -> None:
+        """Keep `connection` for the next request to its origin."""
+        connection.idle_since = asyncio.get_running_loop().time()
+        self._idle.setdefault(connection.origin, deque()).append(connection)
+
+    async def close(self) -> None:
+        """Close every connection, idle or in use."""
+        for connection in list(self._open):
+            connection.close()
+        self._idle.clear()
+
+    def _pooled(self, origin: Origin) -> _Connection | None:
+        """The most recently used idle connection to `origin` still open; older ones past `keepalive` are closed."""
+        idle = self._idle.get(origin)
+        if not idle:
+            return None
+        stale = asyncio.get_running_loop().time() - self.keepalive
+        while idle and idle[0].idle_since < stale:
+            idle.popleft().close()
+        while idle:
+            connection = idle.pop()
+            if connection.open:
+                return connection
+        return None
+
+    async def _connect(self, origin: Origin) -> _Connection:
+        loop = asyncio.get_running_loop()
+        tls = None
+        if origin.scheme == "https":
+            tls = self._tls = self._tls or ssl.create_default_context()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(origin, self.read_timeout, self._open),
+                    origin.host,
+                    origin.port,
+                    ssl=tls,
+                    server_hostname=origin.host if tls else None,
+                )
+        except TimeoutError as exc:
+            raise UpstreamError(f"no connection to {origin.host_header} within {self.connect_timeout:g}s") from exc
+        except OSError as exc:
+            raise UpstreamError(f"no connection to {origin.host_header}: {exc.strerror or exc}") from exc
+        return connection
+
+
+def _request_head(origin: Origin, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
+    lines = [f"{method} {origin.prefix}{target} HTTP/1.1", f"Host: {origin.host_header}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    if body or method in _WITH_CONTENT:
+        lines.append(f"Content-Length: {len(body)}")
+    text = "\r\n".join(lines) + "\r\n\r\n"
+    # Names and values come from a parsed request or from the gateway; a line break in one would be a
+    # second header (or a second request) smuggled upstream.
+    if text.count("\n") != len(lines) + 1 or text.count("\r") != len(lines) + 1:
+        raise ValueError("a forwarded header name or value holds a line break")
+    return text.encode("latin-1")
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to an upstream: one exchange at a time, its answer parsed as it arrives."""
+
+    def __init__(self, origin: Origin, read_timeout: float, registry: set[_Connection]) -> None:
+        self.origin = origin
+        self.idle_since = 0.0
+        self.open = False
+        self._read_timeout = read_timeout
+        self._registry = registry
+        self._parser = httptools.HttpResponseParser(self)
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._paused = False
+        # The exchange in progress, from `begin` to its end or failure.
+        self._busy = False
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.complete = False
+        self.reusable = False
+        self._chunked = False
+        self._interim = False
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._head_waiter: asyncio.Future[None] | None = None
+        self._body_waiter: asyncio.Future[None] | None = None
+        self._error: UpstreamError | None = None
+        self._last_read = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # The exchange, as the client and the answer see it.
+
+    def begin(self, head: bytes, body: bytes) -> None:
+        """Send a request; its answer starts now."""
+        assert self._transport is not None and not self._busy
+        self._busy = True
+        self.status, self.headers, self.content_length = 0, [], None
+        self.complete = self.reusable = self._chunked = self._interim = False
+        self._chunks, self._buffered, self._error = [], 0, None
+        self._head_waiter = self._loop.create_future()
+        self._last_read = self._loop.time()
+        self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._check_silence)
+        if len(body) < 65536:
+            self._transport.write(head + body)
+        else:
+            self._transport.writelines((head, body))
+
+    async def head(self) -> None:
+        """Wait for the answer's status and headers."""
+        assert self._head_waiter is not None
+        await self._head_waiter
+
+    async def more(self) -> None:
+        """Wait for more of the body, or its end."""
+        if self._error is not None:
+            raise self._error
+        self._body_waiter = self._loop.create_future()
+        await self._body_waiter
+
+    def take(self) -> list[bytes]:
+        """The body bytes that have arrived since the last take."""
+        chunks, self._chunks, self._buffered = self._chunks, [], 0
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        return chunks
+
+    def close(self) -> None:
+        self._busy = False
+        self._stop_timer()
+        if self._transport is not None:
+            self._transport.close()
+        self.open = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+        self.open = True
+        self._registry.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = self._loop.time()
+        if not self._busy:  # nothing was asked: the upstream is not speaking HTTP to us
+            self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError(f"the answer is not valid HTTP: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        self._registry.discard(self)
+        if not self._busy:
+            return
+        if self.status and self.content_length is None and not self._chunked:
+            self._end()  # an answer of no declared length ends where the connection does
+        else:
+            self._fail(UpstreamError("the upstream closed the connection before its answer ended"))
+
+    # httptools' callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        if len(name) == 14 and name.lower() == b"content-length":
+            self.content_length = int(value)
+        elif len(name) == 17 and name.lower() == b"transfer-encoding":
+            self._chunked = True
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            self._interim = True
+            self.headers, self.content_length, self._chunked = [], None, False
+            return
+        self.status = status
+        if self._chunked:
+            self.content_length = None
+        elif status in (204, 304):
+            self.content_length = 0
+        if self._head_waiter is not None and not self._head_waiter.done():
+            self._head_waiter.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self._end(reusable=self._parser.should_keep_alive())
+
+    # How an exchange ends.
+
+    def _end(self, *, reusable: bool = False) -> None:
+        self._busy = False
+        self.complete, self.reusable = True, reusable
+        self._stop_timer()
+        self._wake()
+
+    def _fail(self, error: UpstreamError) -> None:
+        self._busy = False
+        self._error = error
+        self._stop_timer()
+        if self._head_waiter is not None and not self._head_waiter.done():
+            self._head_waiter.set_exception(error)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._body_waiter = self._body_waiter, None
+        if waiter is None or waiter.done():
+            return
+        if self._error is not None:
+            waiter.set_exception(self._error)
+        else:
+            waiter.set_result(None)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check_silence(self) -> None:
+        self._timer = None
+        if not self._busy:
+            return
+        if self._paused:  # the relay is behind, not the upstream
+            self._timer = self._loop.call_later(self._read_timeout, self._check_silence)
+            return
+        quiet_until = self._last_read + self._read_timeout
+        if self._loop.time() < quiet_until:
+            self._timer = self._loop.call_at(quiet_until, self._check_silence)
+            return
+        self._fail(UpstreamError(f"the upstream sent nothing for {self._read_timeout:g}s"))
+        self.close()
