@@ -88,11 +88,14 @@ class Answer:
         """The body as it arrives; UpstreamError if the upstream cuts it short or falls silent too long."""
         connection = self._connection
         while True:
-            for chunk in connection.take():
-                yield chunk
-            if connection.complete:
+            arrived = connection.take()
+            if arrived:  # more may arrive, and the body end, while these are being relayed: take again first
+                for chunk in arrived:
+                    yield chunk
+            elif connection.complete:
                 return
-            await connection.more()
+            else:
+                await connection.more()
 
     def release(self) -> None:
         """Done with the answer: its connection goes back to the pool if the body was read to its end."""

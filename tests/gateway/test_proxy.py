@@ -176,7 +176,7 @@ async def test_the_upstream_gets_no_header_the_client_did_not_send_and_no_cookie
     redis_url: str, upstream: StubUpstream, config: Config, keys: dict[str, str]
 ) -> None:
     upstream.extra_headers = {"Set-Cookie": "session=of-the-first-user"}
-    # By name, not by address: aiohttp's default cookie jar keeps no cookie of an IP address.
+    # By name, not by address: a client's cookie jar (aiohttp's, say) keeps none for an IP address.
     by_name = upstream.url.replace("127.0.0.1", "localhost")
     with TestClient(create_app(settings_for(redis_url, by_name), config)) as client:  # type: ignore[arg-type]
         for name in ("accept", "accept-encoding", "user-agent"):
@@ -186,9 +186,9 @@ async def test_the_upstream_gets_no_header_the_client_did_not_send_and_no_cookie
         generate(client, keys["pro"])
     first, second = upstream.seen
     for seen in (first, second):
-        # aiohttp would add its own: gzip asked for a client that never said it reads it, its User-Agent.
+        # A general client adds its own (aiohttp: gzip asked for a client that never said it reads it).
         assert not {"accept", "accept-encoding", "user-agent"} & set(seen)
-    assert "cookie" not in second  # the gateway's one client session keeps no upstream's cookies
+    assert "cookie" not in second  # the gateway's one client keeps no upstream's cookies
 
 
 async def test_unrouted_paths_are_404_json(client: TestClient) -> None:
