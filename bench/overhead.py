@@ -9,6 +9,8 @@ image list) and redis-server share the second, so the server's core does only th
 
   bare app            uvicorn + Starlette answering JSON: the ceiling of any Python app here
   passthrough proxy   uvicorn + Starlette + aiohttp forwarding to the stub, no auth, no limiting
+  passthrough, gateway's client   the same over the gateway's own upstream client (gateway/upstream_client.py):
+                      the gateway against it is what limiting costs on top of the same proxying
   nginx limit_req     Debian's nginx, `limit_req` keyed on the Authorization header, proxying to the stub
   gateway             `quotagate serve`: key → plan → one Redis decision → forward → settle
   gateway 429         the same gateway, a free account whose daily 3 are spent (the denial path)
@@ -75,6 +77,7 @@ routes:
     cost: images
 """
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+CLIENT_PASSTHROUGH = "passthrough, gateway's client"
 
 
 @dataclass
@@ -286,11 +289,15 @@ def servers(tmp: Path, server_core: str, load_core: str) -> Iterator[list[Target
         paid_key, free_key = asyncio.run(make_keys(redis.url))
 
         uvicorn = [sys.executable, "-m", "uvicorn", "--no-access-log", "--log-level", "warning", "--factory"]
-        ports = {name: free_port() for name in ("bare", "passthrough", "gateway", "nginx", "nginx429")}
+        ports = {name: free_port() for name in ("bare", "passthrough", "client", "gateway", "nginx", "nginx429")}
         bare = start(server_core, *uvicorn, "--app-dir", str(BENCH), "--port", str(ports["bare"]), "servers:bare_app")
         passthrough = start(
             server_core, *uvicorn, "--app-dir", str(BENCH), "--port", str(ports["passthrough"]),
             "servers:passthrough_app", env={"BENCH_UPSTREAM": stub_url}, log="passthrough",
+        )  # fmt: skip
+        client_passthrough = start(
+            server_core, *uvicorn, "--app-dir", str(BENCH), "--port", str(ports["client"]),
+            "servers:client_passthrough_app", env={"BENCH_UPSTREAM": stub_url}, log="client-passthrough",
         )  # fmt: skip
         quotas = tmp / "quotas.yaml"
         quotas.write_text(QUOTAS)
@@ -323,7 +330,8 @@ def servers(tmp: Path, server_core: str, load_core: str) -> Iterator[list[Target
         nginx_refuse = start(server_core, nginx, "-c", str(refusing), "-e", str(tmp / "nginx429" / "error.log"))
 
         url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-        for name, process in (("bare", bare), ("passthrough", passthrough), ("gateway", gateway)):
+        started = (("bare", bare), ("passthrough", passthrough), ("client", client_passthrough), ("gateway", gateway))
+        for name, process in started:
             wait_answering(url[name] + "/healthz", process)
         for name, process in (("nginx", nginx_limit), ("nginx429", nginx_refuse)):
             wait_answering(url[name], process)
@@ -335,6 +343,7 @@ def servers(tmp: Path, server_core: str, load_core: str) -> Iterator[list[Target
         yield [
             Target("bare app", url["bare"], [bare.pid]),
             Target("passthrough proxy", url["passthrough"], [passthrough.pid]),
+            Target(CLIENT_PASSTHROUGH, url["client"], [client_passthrough.pid]),
             Target("nginx limit_req", url["nginx"], [nginx_limit.pid], {"Authorization": "Bearer k"}),
             Target("gateway", url["gateway"], [gateway.pid], {"Authorization": f"Bearer {paid_key}"}),
             Target("gateway 429", url["gateway"], [gateway.pid], {"Authorization": f"Bearer {free_key}"}, 429),
@@ -382,6 +391,7 @@ def ratios_at(runs: dict[str, dict[str, Any]], c: str) -> dict[str, float]:
     return {
         "gateway / passthrough (rps)": rate("gateway") / rate("passthrough proxy"),
         "gateway / passthrough (CPU)": cpu("passthrough proxy") / cpu("gateway"),
+        "gateway / passthrough with the gateway's client (CPU)": cpu(CLIENT_PASSTHROUGH) / cpu("gateway"),
         "gateway 429 / bare app (rps)": rate("gateway 429") / rate("bare app"),
         "gateway 429 / bare app (CPU)": cpu("bare app") / cpu("gateway 429"),
         "passthrough / bare app (rps)": rate("passthrough proxy") / rate("bare app"),

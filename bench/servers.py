@@ -2,8 +2,10 @@
 
 `uvicorn --factory --app-dir bench servers:bare_app` answers JSON and does nothing else: the ceiling of
 any Starlette app on this machine. `servers:passthrough_app` forwards every request to
-$BENCH_UPSTREAM over one aiohttp session, as the gateway's forward step does, with no identity and no
-limiting: what proxying alone costs. `servers:capacity_app` is the surge's image service: a fixed number
+$BENCH_UPSTREAM over one aiohttp session, with no identity and no limiting: what proxying alone costs
+(the issue's reference). `servers:client_passthrough_app` does the same over the gateway's own client
+(gateway/upstream_client.py): beside the gateway, what its limiting costs on top of the same proxying.
+`servers:capacity_app` is the surge's image service: a fixed number
 of images at a time, highest priority first, a bounded queue, 503 past it.
 """
 
@@ -23,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.settings import Settings
-from gateway.upstream_client import UPSTREAM_KEEPALIVE_S
+from gateway.upstream_client import UPSTREAM_KEEPALIVE_S, Origin, UpstreamClient
 
 ANSWER = {"created": 0, "data": [{"b64_json": "aW1hZ2U="}]}
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "host", "content-length"})
@@ -66,6 +68,35 @@ def passthrough_app() -> Starlette:
             content = await answer.read()
             relayed = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_BY_HOP}
             return Response(content, answer.status, headers=relayed)
+
+    return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])], lifespan=lifespan)
+
+
+def client_passthrough_app() -> Starlette:
+    """`passthrough_app` over the gateway's own upstream client rather than aiohttp's."""
+    origin = Origin.parse(os.environ["BENCH_UPSTREAM"])
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.client = UpstreamClient(
+            connect_timeout=Settings.upstream_connect_timeout, read_timeout=Settings.upstream_read_timeout
+        )
+        yield
+        await app.state.client.close()
+
+    async def forward(request: Request) -> Response:
+        body = await request.body()
+        headers = [(k, v) for k, v in request.headers.items() if k not in _HOP_BY_HOP]
+        client: UpstreamClient = request.app.state.client
+        answer = await client.send(origin, request.method, request.url.path, headers, body)
+        try:
+            content = await answer.read()
+        finally:
+            answer.release()
+        relayed = {k.decode("latin-1"): v.decode("latin-1") for k, v in answer.headers}
+        return Response(
+            content, answer.status, headers={k: v for k, v in relayed.items() if k.lower() not in _HOP_BY_HOP}
+        )
 
     return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])], lifespan=lifespan)
 
