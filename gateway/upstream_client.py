@@ -79,10 +79,11 @@ class Answer:
 
     async def read(self) -> bytes:
         """The whole body; UpstreamError if the upstream cuts it short or falls silent too long."""
-        connection = self._connection
+        connection, parts = self._connection, []
         while not connection.complete:
+            parts += connection.take()  # taken as it comes, so that a paused connection reads on
             await connection.more()
-        return b"".join(connection.take())
+        return b"".join(parts + connection.take())
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives; UpstreamError if the upstream cuts it short or falls silent too long."""
@@ -266,7 +267,8 @@ class _Connection(asyncio.Protocol):
         return chunks
 
     def close(self) -> None:
-        self._busy = False
+        if self._busy:  # anyone still waiting on the answer hears of it
+            self._fail(UpstreamError("the connection was closed before its answer ended"))
         self._stop_timer()
         if self._transport is not None:
             self._transport.close()

@@ -142,6 +142,26 @@ async def test_a_large_body_streams_through_whole_while_reading_pauses_and_resum
         answer.release()
 
 
+async def test_a_body_larger_than_the_high_water_mark_is_read_whole() -> None:
+    body = b"x" * (3 * HIGH_WATER)
+    async with scripted(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body) as server, client() as c:
+        assert await _fetch(c, server.url) == (200, body)
+
+
+async def test_closing_the_client_ends_every_answer_still_awaited() -> None:
+    async def stall(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await asyncio.sleep(HANG)
+
+    async with scripted(stall) as server, client() as c:
+        answer = await c.send(Origin.parse(server.url), "POST", "/", [], b"")
+        reading = asyncio.ensure_future(answer.read())
+        await asyncio.sleep(0)  # the read is waiting for more
+        await c.close()
+        with pytest.raises(UpstreamError, match="closed before its answer ended"):
+            await asyncio.wait_for(reading, HANG)
+
+
 @pytest.mark.parametrize(
     ("answer", "message"),
     [
