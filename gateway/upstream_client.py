@@ -142,7 +142,7 @@ class UpstreamClient:
 
     def put_back(self, connection: _Connection) -> None:
         """Keep `connection` for the next request to its origin."""
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = connection.loop.time()
         self._idle.setdefault(connection.origin, deque()).append(connection)
 
     async def close(self) -> None:
@@ -156,7 +156,7 @@ class UpstreamClient:
         idle = self._idle.get(origin)
         if not idle:
             return None
-        stale = asyncio.get_running_loop().time() - self.keepalive
+        stale = idle[-1].loop.time() - self.keepalive
         while idle and idle[0].idle_since < stale:
             idle.popleft().close()
         while idle:
@@ -209,7 +209,7 @@ class _Connection(asyncio.Protocol):
         self._read_timeout = read_timeout
         self._registry = registry
         self._parser = httptools.HttpResponseParser(self)
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._paused = False
         # The exchange in progress, from `begin` to its end or failure.
@@ -238,9 +238,9 @@ class _Connection(asyncio.Protocol):
         self.status, self.headers, self.content_length = 0, [], None
         self.complete = self.reusable = self._chunked = self._interim = False
         self._chunks, self._buffered, self._error = [], 0, None
-        self._head_waiter = self._loop.create_future()
-        self._last_read = self._loop.time()
-        self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._check_silence)
+        self._head_waiter = self.loop.create_future()
+        self._last_read = self.loop.time()
+        self._timer = self.loop.call_at(self._last_read + self._read_timeout, self._check_silence)
         if len(body) < 65536:
             self._transport.write(head + body)
         else:
@@ -255,7 +255,7 @@ class _Connection(asyncio.Protocol):
         """Wait for more of the body, or its end."""
         if self._error is not None:
             raise self._error
-        self._body_waiter = self._loop.create_future()
+        self._body_waiter = self.loop.create_future()
         await self._body_waiter
 
     def take(self) -> list[bytes]:
@@ -282,7 +282,7 @@ class _Connection(asyncio.Protocol):
         self._registry.add(self)
 
     def data_received(self, data: bytes) -> None:
-        self._last_read = self._loop.time()
+        self._last_read = self.loop.time()
         if not self._busy:  # nothing was asked: the upstream is not speaking HTTP to us
             self.close()
             return
@@ -374,11 +374,11 @@ class _Connection(asyncio.Protocol):
         if not self._busy:
             return
         if self._paused:  # the relay is behind, not the upstream
-            self._timer = self._loop.call_later(self._read_timeout, self._check_silence)
+            self._timer = self.loop.call_later(self._read_timeout, self._check_silence)
             return
         quiet_until = self._last_read + self._read_timeout
-        if self._loop.time() < quiet_until:
-            self._timer = self._loop.call_at(quiet_until, self._check_silence)
+        if self.loop.time() < quiet_until:
+            self._timer = self.loop.call_at(quiet_until, self._check_silence)
             return
         self._fail(UpstreamError(f"the upstream sent nothing for {self._read_timeout:g}s"))
         self.close()
