@@ -15,6 +15,7 @@ from types import MappingProxyType
 from gateway.errors import ConfigError
 from gateway.logs import FORMATS as LOG_FORMATS
 from gateway.peers import Network, parse_networks
+from gateway.upstream_client import Origin
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,8 +49,10 @@ class Settings:
             raise ConfigError(f"QUOTAGATE_LOG_FORMAT: expected one of {choices}, got {self.log_format!r}")
         for name, urls in self.upstreams.items():
             for url in urls:
-                if not url.startswith(("http://", "https://")):
-                    raise ConfigError(f"QUOTAGATE_UPSTREAMS: {name}: {url!r} is not an http:// or https:// URL")
+                try:
+                    Origin.parse(url)
+                except ValueError as exc:
+                    raise ConfigError(f"QUOTAGATE_UPSTREAMS: {name}: {exc}") from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:

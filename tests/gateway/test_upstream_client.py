@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from gateway.errors import ConfigError
+from gateway.settings import Settings
 from gateway.upstream_client import HIGH_WATER, Origin, UpstreamClient, UpstreamError
 
 pytestmark = pytest.mark.anyio
@@ -230,3 +232,18 @@ def test_origins_parse_scheme_host_port_and_prefix() -> None:
     assert Origin.parse("http://[::1]:81") == Origin("http", "::1", 81, "", "[::1]:81")
     with pytest.raises(ValueError, match="not an http"):
         Origin.parse("ftp://backend")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://backend", "'ftp://backend' is not an http:// or https:// URL with a host"),
+        ("http://:8001", "'http://:8001' is not an http:// or https:// URL with a host"),
+        ("http://backend:port", "Port could not be cast to integer value as 'port'"),
+    ],
+)
+def test_an_upstream_url_that_is_not_one_is_refused_at_start(url: str, message: str) -> None:
+    environ = {"QUOTAGATE_CONFIG": "q.yaml", "QUOTAGATE_REDIS_URL": "redis://r", "QUOTAGATE_KEY_SECRET": "s" * 16}
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({**environ, "QUOTAGATE_UPSTREAMS": f"diffusion={url}"})
+    assert str(refused.value) == f"QUOTAGATE_UPSTREAMS: diffusion: {message}"
