@@ -69,3 +69,22 @@ async def test_closing_the_client_closes_the_engines_connection(redis_url: str) 
                 break
             await asyncio.sleep(0.01)
         assert len(admin.client_list()) == 1
+
+
+async def test_a_lone_decision_is_written_at_once_and_those_behind_a_reply_together(redis_url: str) -> None:
+    client = connect(redis_url)
+    try:
+        engine = Engine(client)
+        await engine.decide("dee", FREE, 1)  # the engine's connection is open
+        coalescer = engine._coalescer
+        assert coalescer is not None
+        lone = asyncio.ensure_future(engine.decide("dee", FREE, 1))
+        await asyncio.sleep(0)  # one loop pass: the call has run up to its wait for the reply
+        assert len(coalescer._sent) == 1 and not coalescer._queue  # written then, not at the turn's end
+        await lone
+        calls = [asyncio.ensure_future(engine.decide(f"e{i}", FREE, 1)) for i in range(4)]
+        await asyncio.sleep(0)
+        assert len(coalescer._sent) == 1 and len(coalescer._queue) == 3  # the rest wait for the turn's end
+        assert all(decision.allowed for decision in await asyncio.gather(*calls))
+    finally:
+        await client.aclose()
