@@ -15,6 +15,7 @@ a minute to make is fine, a stalled upstream is not.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
@@ -174,10 +175,12 @@ class UpstreamClient:
                     ssl=tls,
                     server_hostname=origin.host if tls else None,
                 )
+        # Neither message names the upstream: clients read them in their 502s.
         except TimeoutError as exc:
-            raise UpstreamError(f"no connection to {origin.host_header} within {self.connect_timeout:g}s") from exc
+            raise UpstreamError(f"no connection within {self.connect_timeout:g}s") from exc
         except OSError as exc:
-            raise UpstreamError(f"no connection to {origin.host_header}: {exc.strerror or exc}") from exc
+            reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else type(exc).__name__
+            raise UpstreamError(f"no connection: {reason}") from exc
         return connection
 
 

@@ -198,10 +198,11 @@ async def test_silence_past_the_read_timeout_is_an_upstream_error_and_the_connec
         assert not c._idle.get(Origin.parse(server.url))  # a broken connection is never pooled
 
 
-async def test_no_connection_is_an_upstream_error_naming_the_host() -> None:
+async def test_no_connection_is_an_upstream_error_that_does_not_name_the_upstream() -> None:
     async with client() as c:
-        with pytest.raises(UpstreamError, match=r"no connection to 127\.0\.0\.1:9"):
+        with pytest.raises(UpstreamError) as refused:
             await c.send(Origin.parse("http://127.0.0.1:9"), "POST", "/", [], b"")
+    assert str(refused.value) == "no connection: Connection refused"  # clients read it: no address in it
 
 
 async def test_a_line_break_in_a_header_is_refused_before_anything_is_sent() -> None:
