@@ -93,10 +93,12 @@ def client_passthrough_app() -> Starlette:
             content = await answer.read()
         finally:
             answer.release()
-        relayed = {k.decode("latin-1"): v.decode("latin-1") for k, v in answer.headers}
-        return Response(
-            content, answer.status, headers={k: v for k, v in relayed.items() if k.lower() not in _HOP_BY_HOP}
-        )
+        relayed = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in answer.headers
+            if k.lower().decode("latin-1") not in _HOP_BY_HOP
+        }
+        return Response(content, answer.status, headers=relayed)
 
     return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])], lifespan=lifespan)
 

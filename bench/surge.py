@@ -301,8 +301,10 @@ async def simulate(
         await paid
         wall, cpu_after = time.monotonic() - wall_before, cpu_by_process(pids)
         scraped = await client.send(gateway, "GET", "/metrics", (), b"")
-        exposition = (await scraped.read()).decode()
-        scraped.release()
+        try:
+            exposition = (await scraped.read()).decode()
+        finally:
+            scraped.release()
     finally:
         await client.close()
     results = summarize(record, baseline_end, surge_end, args)

@@ -53,7 +53,7 @@ def upstream_headers(
     kept = [
         (name, value)
         for name, value in client_headers.items()
-        if name.lower() not in dropped and not name.lower().startswith(INTERNAL_PREFIX)
+        if (lower := name.lower()) not in dropped and not lower.startswith(INTERNAL_PREFIX)
     ]
     return kept + list(extra.items())
 
