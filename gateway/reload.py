@@ -52,10 +52,11 @@ class LiveConfig:
         A file that does not load is refused only once it reads the same on two polls in a row, so a
         save caught half-written is not reported; a file that loads is applied at once.
         """
-        text, loaded = _read(self._path)
-        if text == self._seen:
+        text, unreadable = _read_text(self._path)
+        if text == self._seen:  # not parsed again: the YAML takes 1–3 ms, twice a second per worker
             self._pending = None
             return
+        loaded = _load(self._path, text, unreadable)
         if isinstance(loaded, ConfigError) and text != self._pending:
             self._pending = text
             return
@@ -113,11 +114,22 @@ def _note_expired_overrides(config: Config) -> None:
 
 def _read(path: Path) -> tuple[str, Config | ConfigError]:
     """The file's text (or why it cannot be read) and what it loads to."""
+    text, unreadable = _read_text(path)
+    return text, _load(path, text, unreadable)
+
+
+def _read_text(path: Path) -> tuple[str, ConfigError | None]:
+    """The file's text and None, or why it cannot be read twice over (the same failure reads the same)."""
     try:
-        text = read_config_text(path)
+        return read_config_text(path), None
     except ConfigError as error:
         return str(error), error
+
+
+def _load(path: Path, text: str, unreadable: ConfigError | None) -> Config | ConfigError:
+    if unreadable is not None:
+        return unreadable
     try:
-        return text, parse_config(text, source=str(path))
+        return parse_config(text, source=str(path))
     except ConfigError as exc:
-        return text, exc
+        return exc

@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
+from gateway import reload
 from gateway.app import Services, create_app
-from gateway.config import load_config
+from gateway.config import load_config, parse_config
 from gateway.identity import KeyStore
 
 from .conftest import QUOTAS, SECRET, StubUpstream, settings_for
@@ -86,9 +87,15 @@ async def test_a_new_limit_applies_to_the_usage_already_counted(
     assert client.get("/readyz").json()["config_version"] == version
 
 
-async def test_an_unchanged_file_is_not_reloaded(client: TestClient, registry: CollectorRegistry) -> None:
-    services(client).live_config.poll()
+async def test_an_unchanged_file_is_not_reloaded_nor_parsed(
+    client: TestClient, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed: list[str] = []
+    monkeypatch.setattr(reload, "parse_config", lambda text, source: parsed.append(source) or parse_config(text, source))
+    for _ in range(3):
+        services(client).live_config.poll()
     assert reloads(registry, "success") == reloads(registry, "failure") == 0
+    assert parsed == []  # a poll that finds the same text does no more than read it
 
 
 async def test_a_bad_file_is_refused_logged_and_counted_and_the_old_config_stays(
