@@ -1,6 +1,6 @@
 """What the gateway costs per request, against the simplest servers that do part of its work, in one run.
 
-Run with `make bench` or `.venv/bin/python bench/overhead.py [--duration S] [--concurrency 1,16,64,256]`.
+Run with `make bench` or `.venv/bin/python bench/overhead.py [--duration S] [--rounds N] [--concurrency 1,16,64,256]`.
 Needs `wrk` and `nginx` (Debian's; `make bench` installs them). Writes bench/results/overhead.json,
 overhead.md and, where matplotlib is installed, overhead.png.
 
@@ -9,8 +9,10 @@ image list) and redis-server share the second, so the server's core does only th
 
   bare app            uvicorn + Starlette answering JSON: the ceiling of any Python app here
   passthrough proxy   uvicorn + Starlette + aiohttp forwarding to the stub, no auth, no limiting
-  passthrough, gateway's client   the same over the gateway's own upstream client (gateway/upstream_client.py):
-                      the gateway against it is what limiting costs on top of the same proxying
+  passthrough, gateway's client   the same over the gateway's own upstream client (gateway/upstream_client.py)
+  passthrough + 1 Redis call      that, after one Redis script call through the gateway's coalescer
+                      (a script that answers 1): proxying plus the round trip an exact shared decision
+                      needs; the gateway against it is what the limiting's own work costs
   nginx limit_req     Debian's nginx, `limit_req` keyed on the Authorization header, proxying to the stub
   gateway             `quotagate serve`: key → plan → one Redis decision → forward → settle
   gateway 429         the same gateway, a free account whose daily 3 are spent (the denial path)
@@ -19,7 +21,8 @@ image list) and redis-server share the second, so the server's core does only th
 
 For each: requests/s, latency p50/p99 (wrk --latency) and the server's CPU µs per request (utime+stime
 of its processes from /proc, the low-noise figure: it does not depend on what else runs on the other
-core). Ratios are taken within one run; absolute numbers drift with the machine.
+core). Each server is run `--rounds` times at each concurrency, interleaved with the others, and the
+run of median CPU is kept. Ratios are taken within one run; absolute numbers drift with the machine.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ routes:
 """
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CLIENT_PASSTHROUGH = "passthrough, gateway's client"
+ROUND_TRIP_PASSTHROUGH = "passthrough + 1 Redis call"
 
 
 @dataclass
@@ -289,7 +293,9 @@ def servers(tmp: Path, server_core: str, load_core: str) -> Iterator[list[Target
         paid_key, free_key = asyncio.run(make_keys(redis.url))
 
         uvicorn = [sys.executable, "-m", "uvicorn", "--no-access-log", "--log-level", "warning", "--factory"]
-        ports = {name: free_port() for name in ("bare", "passthrough", "client", "gateway", "nginx", "nginx429")}
+        ports = {
+            name: free_port() for name in ("bare", "passthrough", "client", "round_trip", "gateway", "nginx", "nginx429")
+        }
         bare = start(server_core, *uvicorn, "--app-dir", str(BENCH), "--port", str(ports["bare"]), "servers:bare_app")
         passthrough = start(
             server_core, *uvicorn, "--app-dir", str(BENCH), "--port", str(ports["passthrough"]),
@@ -298,6 +304,11 @@ def servers(tmp: Path, server_core: str, load_core: str) -> Iterator[list[Target
         client_passthrough = start(
             server_core, *uvicorn, "--app-dir", str(BENCH), "--port", str(ports["client"]),
             "servers:client_passthrough_app", env={"BENCH_UPSTREAM": stub_url}, log="client-passthrough",
+        )  # fmt: skip
+        round_trip_passthrough = start(
+            server_core, *uvicorn, "--app-dir", str(BENCH), "--port", str(ports["round_trip"]),
+            "servers:round_trip_passthrough_app", env={"BENCH_UPSTREAM": stub_url, "BENCH_REDIS": redis.url},
+            log="round-trip-passthrough",
         )  # fmt: skip
         quotas = tmp / "quotas.yaml"
         quotas.write_text(QUOTAS)
@@ -330,7 +341,13 @@ def servers(tmp: Path, server_core: str, load_core: str) -> Iterator[list[Target
         nginx_refuse = start(server_core, nginx, "-c", str(refusing), "-e", str(tmp / "nginx429" / "error.log"))
 
         url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-        started = (("bare", bare), ("passthrough", passthrough), ("client", client_passthrough), ("gateway", gateway))
+        started = (
+            ("bare", bare),
+            ("passthrough", passthrough),
+            ("client", client_passthrough),
+            ("round_trip", round_trip_passthrough),
+            ("gateway", gateway),
+        )
         for name, process in started:
             wait_answering(url[name] + "/healthz", process)
         for name, process in (("nginx", nginx_limit), ("nginx429", nginx_refuse)):
@@ -344,6 +361,7 @@ def servers(tmp: Path, server_core: str, load_core: str) -> Iterator[list[Target
             Target("bare app", url["bare"], [bare.pid]),
             Target("passthrough proxy", url["passthrough"], [passthrough.pid]),
             Target(CLIENT_PASSTHROUGH, url["client"], [client_passthrough.pid]),
+            Target(ROUND_TRIP_PASSTHROUGH, url["round_trip"], [round_trip_passthrough.pid]),
             Target("nginx limit_req", url["nginx"], [nginx_limit.pid], {"Authorization": "Bearer k"}),
             Target("gateway", url["gateway"], [gateway.pid], {"Authorization": f"Bearer {paid_key}"}),
             Target("gateway 429", url["gateway"], [gateway.pid], {"Authorization": f"Bearer {free_key}"}, 429),
@@ -362,14 +380,25 @@ def servers(tmp: Path, server_core: str, load_core: str) -> Iterator[list[Target
         redis.stop()
 
 
-def measure(targets: list[Target], tmp: Path, load_core: str, concurrency: list[int], duration: float) -> dict:
-    """Every target at every concurrency, the targets interleaved so that noise hits them alike."""
+def measure(
+    targets: list[Target], tmp: Path, load_core: str, concurrency: list[int], duration: float, rounds: int
+) -> dict:
+    """Every target at every concurrency, `rounds` times, the targets interleaved so that noise hits them alike.
+
+    Kept per target and concurrency: the run of median server CPU, with every run's CPU beside it
+    (`cpu_us_runs`). A few seconds of a busy neighbour then move one run, not the figure.
+    """
     runs: dict[str, dict[str, Any]] = {target.name: {} for target in targets}
     for target in targets:  # warm-up: connections, caches, the JIT-less interpreter's first paths
         run_wrk(load_core, tmp, target, 16, 1.0)
     for connections in concurrency:
-        for target in targets:
-            runs[target.name][str(connections)] = run_wrk(load_core, tmp, target, connections, duration)
+        tries: dict[str, list[dict[str, Any]]] = {target.name: [] for target in targets}
+        for round_ in range(rounds):
+            for target in targets if round_ % 2 == 0 else reversed(targets):  # alternate who goes first
+                tries[target.name].append(run_wrk(load_core, tmp, target, connections, duration))
+        for name, done in tries.items():
+            median = sorted(done, key=lambda run: run["server_cpu_us"])[(len(done) - 1) // 2]
+            runs[name][str(connections)] = {**median, "cpu_us_runs": [round(run["server_cpu_us"]) for run in done]}
     return runs
 
 
@@ -392,6 +421,8 @@ def ratios_at(runs: dict[str, dict[str, Any]], c: str) -> dict[str, float]:
         "gateway / passthrough (rps)": rate("gateway") / rate("passthrough proxy"),
         "gateway / passthrough (CPU)": cpu("passthrough proxy") / cpu("gateway"),
         "gateway / passthrough with the gateway's client (CPU)": cpu(CLIENT_PASSTHROUGH) / cpu("gateway"),
+        "passthrough + 1 Redis call / passthrough (CPU)": cpu("passthrough proxy") / cpu(ROUND_TRIP_PASSTHROUGH),
+        "gateway / passthrough + 1 Redis call (CPU)": cpu(ROUND_TRIP_PASSTHROUGH) / cpu("gateway"),
         "gateway 429 / bare app (rps)": rate("gateway 429") / rate("bare app"),
         "gateway 429 / bare app (CPU)": cpu("bare app") / cpu("gateway 429"),
         "passthrough / bare app (rps)": rate("passthrough proxy") / rate("bare app"),
@@ -403,7 +434,8 @@ def ratios_at(runs: dict[str, dict[str, Any]], c: str) -> dict[str, float]:
 
 
 def table(results: dict[str, Any]) -> str:
-    runs, lines = results["runs"], [f"{results['pinning']}; {results['duration_s']:.0f} s per run.", ""]
+    each = f"{results['rounds']} runs of {results['duration_s']:.0f} s each, the run of median server CPU shown"
+    runs, lines = results["runs"], [f"{results['pinning']}; {each}.", ""]
     lines += [
         "| server | connections | requests/s | ratio to bare app | p50 ms | p99 ms | server CPU µs/request | "
         "unexpected status | socket errors |",
@@ -429,7 +461,8 @@ def table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (default 5)")
+    parser.add_argument("--duration", type=float, default=2.0, help="seconds per wrk run (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per server and concurrency (default 3)")
     parser.add_argument("--concurrency", default="1,16,64,256", help="open connections, comma-separated")
     args = parser.parse_args(argv)
     concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -439,10 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="qg-overhead-") as tmp,
         servers(Path(tmp), server_core, load_core) as targets,
     ):
-        runs = measure(targets, Path(tmp), load_core, concurrency, args.duration)
+        runs = measure(targets, Path(tmp), load_core, concurrency, args.duration, args.rounds)
     results = {
         "pinning": pinning,
         "duration_s": args.duration,
+        "rounds": args.rounds,
         "concurrency": concurrency,
         "runs": runs,
         "ratios": ratios(runs),

@@ -26,6 +26,8 @@ from starlette.routing import Route
 
 from gateway.settings import Settings
 from gateway.upstream_client import UPSTREAM_KEEPALIVE_S, Origin, UpstreamClient
+from limits.coalesce import Coalescer, Script
+from limits.store import connect
 
 ANSWER = {"created": 0, "data": [{"b64_json": "aW1hZ2U="}]}
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "host", "content-length"})
@@ -101,6 +103,32 @@ def client_passthrough_app() -> Starlette:
         return Response(content, answer.status, headers=relayed)
 
     return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])], lifespan=lifespan)
+
+
+def round_trip_passthrough_app() -> Starlette:
+    """`client_passthrough_app` that first makes one Redis call ($BENCH_REDIS) and waits for its reply.
+
+    The call goes through the gateway's own coalescer (limits/coalesce.py), as a decision does, but
+    runs a script that only answers 1: proxying plus the one round trip that an exact, shared
+    decision needs, with no limiting. The gateway against it is what the limiting's own work costs.
+    """
+    passthrough = client_passthrough_app()
+    forward = passthrough.routes[0].endpoint  # type: ignore[attr-defined]
+    answer_one = Script("return 1")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        redis = connect(os.environ["BENCH_REDIS"])
+        app.state.redis = Coalescer(redis)
+        async with passthrough.router.lifespan_context(app):
+            yield
+        await redis.aclose()
+
+    async def decide_then_forward(request: Request) -> Response:
+        await request.app.state.redis.call(answer_one, [], [])
+        return await forward(request)
+
+    return Starlette(routes=[Route("/{path:path}", decide_then_forward, methods=["GET", "POST"])], lifespan=lifespan)
 
 
 class PrioritySlots:
