@@ -293,9 +293,8 @@ def servers(tmp: Path, server_core: str, load_core: str) -> Iterator[list[Target
         paid_key, free_key = asyncio.run(make_keys(redis.url))
 
         uvicorn = [sys.executable, "-m", "uvicorn", "--no-access-log", "--log-level", "warning", "--factory"]
-        ports = {
-            name: free_port() for name in ("bare", "passthrough", "client", "round_trip", "gateway", "nginx", "nginx429")
-        }
+        names = ("bare", "passthrough", "client", "round_trip", "gateway", "nginx", "nginx429")
+        ports = {name: free_port() for name in names}
         bare = start(server_core, *uvicorn, "--app-dir", str(BENCH), "--port", str(ports["bare"]), "servers:bare_app")
         passthrough = start(
             server_core, *uvicorn, "--app-dir", str(BENCH), "--port", str(ports["passthrough"]),

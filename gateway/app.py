@@ -32,7 +32,7 @@ from gateway.config import Config, load_config
 from gateway.errors import ApiError, ConfigError, NotFound, handle_api_error
 from gateway.forward import Forwarder
 from gateway.identity import KeyStore
-from gateway.logs import configure_logging
+from gateway.logs import configure_logging, flush_logs
 from gateway.metrics import GatewayMetrics, render, worker_exited
 from gateway.openapi import openapi_endpoint
 from gateway.peers import TrustedProxies
@@ -177,6 +177,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             await upstream_client.close()
             await redis.aclose()
             worker_exited()
+            flush_logs()
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -222,5 +223,5 @@ def app_from_env() -> Gateway:
     # Until the lifespan takes SIGHUP to reload, one must not end this worker (the default).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = Settings.from_env()
-    configure_logging(settings.log_format)
+    configure_logging(settings.log_format, flush_after=settings.log_flush)
     return create_app(settings, load_config(settings.config_path))

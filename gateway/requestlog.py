@@ -50,6 +50,10 @@ class RequestRecord:
     total_ms: float | None = None
     prompt: str | None = None
 
+    def message(self) -> str:
+        """The line's message: `POST /v1/images/generations 200 allowed`."""
+        return f"{self.method} {self.path} {self.status} {self.outcome}"
+
     def fields(self) -> dict[str, Any]:
         """The record as log fields, milliseconds rounded to µs."""
         # Spelled out, not dataclasses.asdict (its deep copies were ~10 % of a request's CPU).
@@ -91,10 +95,9 @@ def begin(method: str, path: str, given_request_id: str | None) -> RequestRecord
 def write(record: RequestRecord, started: float) -> None:
     """Log `record`'s line, its total time counted from `started` (a `time.perf_counter()` reading)."""
     record.total_ms = since_ms(started)
-    message = f"{record.method} {record.path} {record.status} {record.outcome}"
     handler = direct_handler(log)
     if handler is not None:
-        handler.write_line(log.name, message, record.fields())
+        handler.write_later(log.name, record)  # formatted later, with the lines around it
         return
     if not log.isEnabledFor(logging.INFO):
         return
@@ -105,7 +108,7 @@ def write(record: RequestRecord, started: float) -> None:
         logging.INFO,
         __file__,
         0,
-        message,
+        record.message(),
         (),
         None,
         extra={"fields": record.fields()},

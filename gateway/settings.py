@@ -13,6 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from gateway.errors import ConfigError
+from gateway.logs import FLUSH_AFTER
 from gateway.logs import FORMATS as LOG_FORMATS
 from gateway.peers import Network, parse_networks
 from gateway.upstream_client import Origin
@@ -33,6 +34,7 @@ class Settings:
     config_poll_interval: float = 0.5  # seconds between looks at the quota file; 0: reload on SIGHUP only
     log_format: str = "auto"  # json, text, or auto: text on a terminal, else JSON
     log_prompts: bool = False  # prompts are users' words: kept out of the logs unless asked for
+    log_flush: float = FLUSH_AFTER  # seconds a log line may wait to go out with others; 0: at the loop turn's end
     # Identity and trust (gateway/identity.py, gateway/peers.py, gateway/authguard.py).
     key_cache_ttl: float = 60.0  # seconds; invalidations make changes visible at once, this bounds the rest
     trusted_proxies: tuple[Network, ...] = ()
@@ -47,6 +49,8 @@ class Settings:
         if self.log_format not in LOG_FORMATS:
             choices = ", ".join(LOG_FORMATS)
             raise ConfigError(f"QUOTAGATE_LOG_FORMAT: expected one of {choices}, got {self.log_format!r}")
+        if not 0 <= self.log_flush <= 10:
+            raise ConfigError(f"QUOTAGATE_LOG_FLUSH: expected seconds from 0 to 10, got {self.log_flush!r}")
         for name, urls in self.upstreams.items():
             for url in urls:
                 try:
@@ -89,6 +93,7 @@ class Settings:
             config_poll_interval=number("QUOTAGATE_CONFIG_POLL", 0.5),
             log_format=environ.get("QUOTAGATE_LOG_FORMAT") or "auto",
             log_prompts=flag("QUOTAGATE_LOG_PROMPTS"),
+            log_flush=number("QUOTAGATE_LOG_FLUSH", FLUSH_AFTER),
             key_cache_ttl=number("QUOTAGATE_KEY_CACHE_TTL", 60.0),
             trusted_proxies=parse_networks(environ.get("QUOTAGATE_TRUSTED_PROXIES", "")),
             account_header=environ.get("QUOTAGATE_ACCOUNT_HEADER") or "X-Quotagate-Account",

@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 
 from gateway import reload
 from gateway.app import Services, create_app
-from gateway.config import load_config, parse_config
+from gateway.config import Config, load_config, parse_config
 from gateway.identity import KeyStore
 
 from .conftest import QUOTAS, SECRET, StubUpstream, settings_for
@@ -91,7 +91,12 @@ async def test_an_unchanged_file_is_not_reloaded_nor_parsed(
     client: TestClient, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     parsed: list[str] = []
-    monkeypatch.setattr(reload, "parse_config", lambda text, source: parsed.append(source) or parse_config(text, source))
+
+    def counted(text: str, source: str) -> Config:
+        parsed.append(source)
+        return parse_config(text, source)
+
+    monkeypatch.setattr(reload, "parse_config", counted)
     for _ in range(3):
         services(client).live_config.poll()
     assert reloads(registry, "success") == reloads(registry, "failure") == 0
