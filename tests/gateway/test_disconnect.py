@@ -71,3 +71,61 @@ async def test_a_block_shorter_than_the_delay_never_watches() -> None:
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert received == 0 and not watch.gone
+
+
+class _ClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock moves only when the test moves it, and that counts the timers set on it."""
+
+    now = 1000.0
+    timers = 0
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay, callback, *args, context=None):  # type: ignore[no-untyped-def]
+        self.timers += 1
+        return super().call_later(delay, callback, *args, context=context)
+
+
+def test_one_timer_starts_the_watchers_of_the_blocks_that_have_run_long_enough() -> None:
+    loop = _ClockLoop()
+    watched: list[str] = []
+
+    def receiver(name: str):  # type: ignore[no-untyped-def]
+        async def receive() -> dict[str, object]:
+            watched.append(name)
+            await asyncio.Event().wait()  # the client stays
+            return {}
+
+        return receive
+
+    async def block(name: str, release: asyncio.Event) -> None:
+        async with CancelOnDisconnect(receiver(name), after=0.05):
+            await release.wait()  # the upstream working
+
+    async def turns() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+        first = [asyncio.create_task(block(f"early {n}", release)) for n in range(20)]
+        await turns()
+        loop.now += 0.03
+        late = asyncio.create_task(block("late", release))
+        await turns()
+        assert loop.timers == 1 and watched == []  # one timer for 21 blocks, none 0.05 s old yet
+        loop.now += 0.02
+        await turns()
+        assert sorted(watched) == sorted(f"early {n}" for n in range(20))  # 0.05 s old; "late" is 0.02
+        loop.now += 0.05
+        await turns()
+        assert watched[-1] == "late"  # watched at the next round, 0.07 s after it began
+        release.set()
+        await asyncio.gather(*first, late)
+
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert loop.timers == 2
