@@ -44,8 +44,9 @@ class CancelOnDisconnect:
 
     async def __aenter__(self) -> CancelOnDisconnect:
         self._task = asyncio.current_task()
-        self._rounds = _Rounds.of(asyncio.get_running_loop(), self._after)
-        self._rounds.add(self)
+        loop = asyncio.get_running_loop()
+        self._rounds = _Rounds.of(loop, self._after)
+        self._rounds.add(self, loop)
         return self
 
     async def __aexit__(
@@ -84,30 +85,30 @@ class _Rounds:
             by_after = cls._of[loop] = {}
         rounds = by_after.get(after)
         if rounds is None:
-            rounds = by_after[after] = cls(loop, after)
+            rounds = by_after[after] = cls(after)  # holding no loop, lest the loop outlive its use
         return rounds
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, after: float) -> None:
-        self._loop = loop
+    def __init__(self, after: float) -> None:
         self._after = after
         self._began: dict[CancelOnDisconnect, float] = {}  # oldest first
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, block: CancelOnDisconnect) -> None:
-        self._began[block] = self._loop.time()
+    def add(self, block: CancelOnDisconnect, loop: asyncio.AbstractEventLoop) -> None:
+        self._began[block] = loop.time()
         if self._timer is None:
-            self._timer = self._loop.call_later(self._after, self._round)
+            self._timer = loop.call_later(self._after, self._round)
 
     def discard(self, block: CancelOnDisconnect) -> None:
         self._began.pop(block, None)
 
     def _round(self) -> None:
         self._timer = None
-        due = self._loop.time() - self._after
+        loop = asyncio.get_running_loop()
+        due = loop.time() - self._after
         for block, began in list(self._began.items()):
             if began > due:
                 break
             del self._began[block]
             block._start_watching()
         if self._began:
-            self._timer = self._loop.call_later(self._after, self._round)
+            self._timer = loop.call_later(self._after, self._round)
