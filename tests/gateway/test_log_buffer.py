@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
+from gateway.errors import ConfigError
 from gateway.logs import MAX_PENDING, BufferedHandler, JsonFormatter
+from gateway.settings import Settings
 
 
 class _Writes(io.StringIO):
@@ -165,3 +167,17 @@ def test_a_line_outside_a_loop_and_flush_write_at_once(loop: _ClockLoop) -> None
 
     _run(loop, scenario)
     assert len(stream.writes) == 2
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("", 0.1), ("0", 0.0), ("0.5", 0.5)])
+def test_the_wait_is_a_setting(raw: str, expected: float) -> None:
+    assert Settings.from_env({**_ENVIRON, "QUOTAGATE_LOG_FLUSH": raw}).log_flush == expected
+
+
+@pytest.mark.parametrize("raw", ["-1", "11", "soon"])
+def test_a_wait_that_is_not_one_is_refused_at_start(raw: str) -> None:
+    with pytest.raises(ConfigError, match="QUOTAGATE_LOG_FLUSH: expected"):
+        Settings.from_env({**_ENVIRON, "QUOTAGATE_LOG_FLUSH": raw})
+
+
+_ENVIRON = {"QUOTAGATE_CONFIG": "q.yaml", "QUOTAGATE_REDIS_URL": "redis://r", "QUOTAGATE_KEY_SECRET": "s" * 16}
