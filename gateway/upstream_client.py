@@ -238,7 +238,8 @@ class _Connection(asyncio.Protocol):
         self._chunks, self._buffered, self._error = [], 0, None
         self._head_waiter = self.loop.create_future()
         self._last_read = self.loop.time()
-        self._timer = self.loop.call_at(self._last_read + self._read_timeout, self._check_silence)
+        if self._timer is None:  # one left from an earlier exchange reschedules itself from _last_read
+            self._timer = self.loop.call_at(self._last_read + self._read_timeout, self._check_silence)
         if len(body) < 65536:
             self._transport.write(head + body)
         else:
@@ -291,6 +292,7 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
         self.open = False
         self._registry.discard(self)
         if not self._busy:
@@ -340,9 +342,10 @@ class _Connection(asyncio.Protocol):
     # How an exchange ends.
 
     def _end(self, *, reusable: bool = False) -> None:
+        # The silence timer stays: on a kept connection the next exchange uses it, rather than each
+        # exchange setting and cancelling one; `close` stops it, and it lapses by itself when idle.
         self._busy = False
         self.complete, self.reusable = True, reusable
-        self._stop_timer()
         self._wake()
 
     def _fail(self, error: UpstreamError) -> None:

@@ -198,6 +198,17 @@ async def test_silence_past_the_read_timeout_is_an_upstream_error_and_the_connec
         assert not c._idle.get(Origin.parse(server.url))  # a broken connection is never pooled
 
 
+async def test_silence_on_a_kept_connection_is_timed_from_its_own_request() -> None:
+    async def stall(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(HANG)
+
+    async with scripted(OK, stall) as server, client(read_timeout=0.1) as c:
+        assert await _fetch(c, server.url) == (200, b"ok")
+        with pytest.raises(UpstreamError, match="sent nothing for 0.1s"):
+            await _fetch(c, server.url)  # the first exchange's timer, kept, checks the second
+    assert server.connections == 1
+
+
 async def test_no_connection_is_an_upstream_error_that_does_not_name_the_upstream() -> None:
     async with client() as c:
         with pytest.raises(UpstreamError) as refused:
