@@ -14,6 +14,11 @@ that. (Measured alone on uvloop, a timer set and cancelled around one Redis roun
 of CPU to its ~65.) A client that left earlier is seen at once when the watcher starts, since
 `receive()` then answers its disconnect without waiting. A block that ends first never watches: its
 answer goes out as usual, and a client gone by then simply does not read it.
+
+Once an answer has gone out whole, `receive()` reports a disconnect too (uvicorn and Starlette's
+TestClient both do): that is the exchange's end, not a client leaving. So the answer goes out through
+`watch.sending(send)`, which stands the watcher down before its last message: a request whose answer
+is complete is never cancelled nor counted as gone, even if the last send yields to the watcher.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import asyncio
 import weakref
 from types import TracebackType
 
-from starlette.types import Receive
+from starlette.types import Message, Receive, Send
 
 # An image takes far longer than this to make; a stub upstream or a cached answer takes less.
 WATCH_AFTER = 0.05
@@ -40,7 +45,18 @@ class CancelOnDisconnect:
         self._task: asyncio.Task[object] | None = None
         self._rounds: _Rounds | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._answered = False
         self.gone = False
+
+    def sending(self, send: Send) -> Send:
+        """`send`, standing the watcher down before the answer's last message goes out."""
+
+        async def send_watched(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self._answered = True
+            await send(message)
+
+        return send_watched
 
     async def __aenter__(self) -> CancelOnDisconnect:
         self._task = asyncio.current_task()
@@ -68,6 +84,8 @@ class CancelOnDisconnect:
     async def _watch(self) -> None:
         while (await self._receive())["type"] != "http.disconnect":
             pass
+        if self._answered:  # the answer went out whole: the exchange ended, the client did not leave
+            return
         assert self._task is not None
         self.gone = True
         self._task.cancel()

@@ -140,7 +140,7 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
     outcome = "client_gone"
     try:
         async with CancelOnDisconnect(request.receive) as watch:
-            outcome = await _forward(services, route, request, body, identity, plan, charge, send)
+            outcome = await _forward(services, route, request, body, identity, plan, charge, watch.sending(send))
         if watch.gone and record.status is None:
             record.status = CLIENT_CLOSED
     finally:  # cancelled (the server stops) or failed: refunded as if the client had gone

@@ -58,6 +58,33 @@ async def test_a_cancellation_from_elsewhere_goes_through() -> None:
     assert not watches[0].gone
 
 
+async def test_the_disconnect_that_follows_a_whole_answer_cancels_nothing() -> None:
+    answered = asyncio.Event()
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:  # as uvicorn and TestClient do once the answer is complete
+        await answered.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            answered.set()
+            for _ in range(5):  # the server's send yields after the answer is out: the watcher runs
+                await asyncio.sleep(0)
+
+    finished = False
+    async with CancelOnDisconnect(receive, after=0) as watch:
+        await asyncio.sleep(0)  # the watcher starts, waiting on receive
+        await asyncio.sleep(0)
+        send_watched = watch.sending(send)
+        await send_watched({"type": "http.response.start", "status": 502, "headers": []})
+        await send_watched({"type": "http.response.body", "body": b"{}", "more_body": False})
+        finished = True
+    assert finished and not watch.gone and len(sent) == 2
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
 async def test_a_block_shorter_than_the_delay_never_watches() -> None:
     received = 0
 
