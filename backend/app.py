@@ -30,11 +30,13 @@ from backend.errors import (
     NotFound,
     NotReady,
     Overloaded,
+    Withdrawn,
     error_response,
 )
 from backend.metrics import BackendMetrics
 from backend.openapi import describe
 from backend.validation import RequestLimits, parse_generation, parse_priority
+from backend.withdrawals import JOB_HEADER, Withdrawals
 
 __all__ = ["PRIORITY_HEADER", "BackendState", "ServeSettings", "create_app"]
 
@@ -68,6 +70,7 @@ class BackendState:
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     batcher: Batcher | None = None
     load_error: str | None = None
+    withdrawals: Withdrawals = field(default_factory=Withdrawals)
 
 
 def _init_inference_thread(threads: int | None) -> None:
@@ -150,6 +153,10 @@ async def generations(request: Request) -> Response:
         if state.batcher is None:
             raise NotReady()
         job_request = parse_generation(body, limits, priority=parse_priority(request.headers.get(PRIORITY_HEADER)))
+        token = request.headers.get(JOB_HEADER)
+        if token is not None and state.withdrawals.withdrawn_early(token):
+            state.metrics.withdrawn.inc()
+            raise Withdrawn()
         job = state.batcher.submit(job_request)
     except ClientDisconnect:
         return Response(status_code=499)
@@ -161,10 +168,14 @@ async def generations(request: Request) -> Response:
 
     # While queued, watch the connection: a client that leaves is dropped and costs no inference.
     watcher: asyncio.Future[Any] = asyncio.ensure_future(_until_disconnect(request.receive))
+    if token is not None:
+        state.withdrawals.track(token, job)
     try:
         await asyncio.wait([job.future, watcher], return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
+        if token is not None:
+            state.withdrawals.forget(token)
         # Also reached when this handler itself is cancelled: never leave an orphan in the queue.
         left = not job.future.done()
         if left:
@@ -176,11 +187,23 @@ async def generations(request: Request) -> Response:
         return error_response(Overloaded("The server is shutting down.", reason="shutting_down", retry_after_s=1))
     try:
         pngs = job.future.result()
+    except Withdrawn as exc:
+        return error_response(exc)
     except BackendError as exc:
         logger.error("generation failed", exc_info=exc.__cause__)
         return error_response(exc)
     data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
     return JSONResponse({"created": int(time.time()), "data": data})
+
+
+async def withdraw(request: Request) -> Response:
+    """Withdraw a queued request by its job token: 200 if it will never start, 409 if it already has."""
+    state = _state(request)
+    batcher = state.batcher
+    token = request.path_params["token"]
+    if state.withdrawals.withdraw(token, batcher.withdraw if batcher is not None else lambda job: False):
+        return JSONResponse({"withdrawn": True})
+    return JSONResponse({"withdrawn": False, "started": True}, status_code=409)
 
 
 async def models(request: Request) -> Response:
@@ -259,6 +282,7 @@ def create_app(
 
     routes = [
         Route("/v1/images/generations", generations, methods=["POST"]),
+        Route("/v1/jobs/{token}", withdraw, methods=["DELETE"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

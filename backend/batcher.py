@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from backend.errors import InferenceFailed, Overloaded
+from backend.errors import InferenceFailed, Overloaded, Withdrawn
 from backend.metrics import BackendMetrics
 from backend.scheduling import BatchKey, Job, Throughput, pick_batch, retry_after_s
 from backend.validation import MAX_SEED, GenerationRequest
@@ -103,6 +103,20 @@ class Batcher:
         self._jobs.remove(job)
         self._count(job, -1)
         self._metrics.cancelled.inc()
+        return True
+
+    def withdraw(self, job: Job) -> bool:
+        """Take `job` out of the queue before it starts; False if a batch has already taken it (it runs on).
+
+        A batch removes its jobs from the queue before any await, so a job is either queued or started.
+        """
+        if job not in self._jobs:
+            return False
+        self._jobs.remove(job)
+        self._count(job, -1)
+        self._metrics.withdrawn.inc()
+        if not job.future.done():
+            job.future.set_exception(Withdrawn())
         return True
 
     async def run(self) -> None:

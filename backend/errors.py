@@ -8,6 +8,7 @@ BackendError                      500 server_error        (base; anything unexpe
 ├── Overloaded                    503 server_overloaded   (+ Retry-After; reason: queue_full | queue_wait)
 ├── NotReady                      503 server_overloaded   (+ Retry-After; model still loading or warming)
 ├── InferenceFailed               500 server_error        (the pipeline raised; the cause is chained)
+├── Withdrawn                     409 withdrawn           (+ X-Quotagate-Withdrawn: 1; left the queue unstarted)
 └── ModelUnavailable              start-up only: the model path cannot be served (the CLI exits 2)
 """
 
@@ -15,7 +16,11 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
+# On the answer to a request withdrawn before it started: the gateway refunds it as never begun.
+WITHDRAWN_HEADER = "X-Quotagate-Withdrawn"
+
 __all__ = [
+    "WITHDRAWN_HEADER",
     "BackendError",
     "BodyTooLarge",
     "InferenceFailed",
@@ -25,6 +30,7 @@ __all__ = [
     "NotFound",
     "NotReady",
     "Overloaded",
+    "Withdrawn",
     "error_response",
 ]
 
@@ -86,6 +92,19 @@ class NotReady(Overloaded):
 class InferenceFailed(BackendError):
     def __init__(self) -> None:
         super().__init__("Image generation failed on the server.", code="inference_failed")
+
+
+class Withdrawn(BackendError):
+    """The gateway withdrew the request while it was queued: no image was begun for it."""
+
+    status_code = 409
+    error_type = "withdrawn"
+
+    def __init__(self) -> None:
+        super().__init__("The request was withdrawn before its generation began.", code="withdrawn")
+
+    def headers(self) -> dict[str, str]:
+        return {WITHDRAWN_HEADER: "1"}
 
 
 class ModelUnavailable(BackendError):

@@ -59,4 +59,9 @@ class BackendMetrics:
             "Requests whose client went away while queued; they cost no inference.",
             registry=registry,
         )
+        self.withdrawn = Counter(
+            _PREFIX + "withdrawn",
+            "Requests the gateway withdrew while queued (its client left); never started, no image made.",
+            registry=registry,
+        )
         self.failures = Counter(_PREFIX + "inference_failures", "Pipeline calls that raised.", registry=registry)
