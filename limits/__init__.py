@@ -3,9 +3,10 @@
 It knows nothing of HTTP: callers pass an account, the limits that apply and a cost.
 """
 
-from limits.decision import Decision, LimitState
+from limits.decision import Decision, KeyState, LimitState
 from limits.engine import Engine
 from limits.errors import ClockSkew, LimitsError, StoreUnavailable
+from limits.idempotency import KeyLifetimes
 from limits.policy import MAX_RATE_PER_S, PERIODS, Bucket, DailyQuota, Limit, LimitSet
 from limits.store import RedisClient, connect
 
@@ -17,6 +18,8 @@ __all__ = [
     "DailyQuota",
     "Decision",
     "Engine",
+    "KeyLifetimes",
+    "KeyState",
     "Limit",
     "LimitSet",
     "LimitState",

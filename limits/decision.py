@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 from limits.policy import Limit
+
+
+class KeyState(IntEnum):
+    """What an idempotency key said of a request (the codes decide.lua returns)."""
+
+    NONE = 0  # no key, or refused by a limit: the key stays free
+    CLAIMED = 1  # admitted and charged: the key is this request's until it ends
+    IN_FLIGHT = 2  # the key's first request has not ended yet
+    REUSED = 3  # the key was used for a request with another fingerprint
+    REPLAYED = 4  # the key's first request ended and its answer is kept: `Decision.kept_answer`
+    NOT_KEPT = 5  # the key's first request ended charged, but its answer was not kept
+    EXPIRED = 6  # the key's first request ended, and its kept answer has expired
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +41,10 @@ class Decision:
     states: tuple[LimitState, ...]
     denied_by: LimitState | None  # of the refusing limits, the one that keeps the client waiting longest
     idempotency_key: str | None = None
-    replayed: bool = False  # the first decision for this idempotency key, returned again; nothing charged
+    replayed: bool = False  # the key's first request's kept answer is the answer; nothing charged
+    key_state: KeyState = KeyState.NONE
+    claim: str | None = None  # the token of this request's claim on its idempotency key (KeyState.CLAIMED)
+    kept_answer: bytes | None = None  # with KeyState.REPLAYED: the answer kept for the key
     cached: bool = False  # answered from this replica's denial near-cache, without Redis
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -12,14 +13,13 @@ from redis.exceptions import RedisError, ResponseError
 
 from limits.calendar import day_starts
 from limits.coalesce import Coalescer, Script
-from limits.decision import Decision, LimitState
+from limits.decision import Decision, KeyState, LimitState
 from limits.errors import ClockSkew, StoreUnavailable
-from limits.keys import counter_key, idempotency_record
+from limits.idempotency import KeyLifetimes
+from limits.keys import counter_key, idempotency_answer, idempotency_record
 from limits.nearcache import INVALIDATIONS, DenialCache
 from limits.policy import Bucket, DailyQuota, LimitSet
 from limits.store import RedisClient
-
-IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
 
 
 def _script(name: str) -> Script:
@@ -35,12 +35,18 @@ class Engine:
     """
 
     def __init__(
-        self, redis: RedisClient, *, near_cache: DenialCache | None = None, clock: Callable[[], float] = time.time
+        self,
+        redis: RedisClient,
+        *,
+        near_cache: DenialCache | None = None,
+        clock: Callable[[], float] = time.time,
+        key_lifetimes: KeyLifetimes | None = None,
     ) -> None:
         self._redis = redis
         self._clock = clock  # this process's clock: it only picks which day starts to send
         self._coalescer = Coalescer(redis) if isinstance(redis, Redis) else None
-        self._scripts = {name: _script(name) for name in ("decide", "refund", "grant")}
+        self._key_lifetimes = key_lifetimes or KeyLifetimes()
+        self._scripts = {name: _script(name) for name in ("decide", "refund", "grant", "keep")}
         self._registered = {name: redis.register_script(s.source) for name, s in self._scripts.items()}
         self.near_cache = near_cache
 
@@ -52,29 +58,35 @@ class Engine:
         *,
         now: float | None = None,
         idempotency_key: str | None = None,
+        fingerprint: str = "",
     ) -> Decision:
         """Charge `cost` against every limit, or against none if one refuses.
 
-        With an `idempotency_key`, the same key sent again within 24 h gets the first decision back
-        and is charged nothing more.
+        With an `idempotency_key` (and the `fingerprint` of what the request asks), a charged request
+        claims the key (KeyState.CLAIMED) until it ends: `keep_answer` or `refund` ends it. A key already
+        claimed is answered without looking at any limit, charging nothing (see KeyState). A request
+        that costs nothing ignores its key.
         """
-        if self.near_cache is not None and cost > 0:
+        keyed = idempotency_key is not None and cost > 0
+        # A keyed request may be owed a kept answer, which the near-cache cannot know of.
+        if self.near_cache is not None and cost > 0 and not keyed:
             cached = self.near_cache.get(account, limits, now)
             if cached is not None:
                 return cached
         wall = self._clock() if now is None else now
         keys = _keys(account, limits)
-        keep_ms = 0
-        if idempotency_key is not None and cost > 0:
-            keys.append(idempotency_record(account, idempotency_key))
-            keep_ms = IDEMPOTENCY_TTL_MS
-        args: list[Any] = [_now_arg(now), cost, len(limits.buckets), keep_ms, limits.shadow_arg, *limits.bucket_args]
+        lease_ms, claim = 0, ""
+        if idempotency_key is not None and keyed:
+            keys += [idempotency_record(account, idempotency_key), idempotency_answer(account, idempotency_key)]
+            lease_ms, claim = self._key_lifetimes.in_flight_ms, secrets.token_hex(8)
+        args: list[Any] = [_now_arg(now), cost, len(limits.buckets), lease_ms, limits.shadow_arg, fingerprint, claim]
+        args.extend(limits.bucket_args)
         for quota in limits.quotas:
             args.append(-1 if quota.limit is None else quota.limit)
             args.extend(day_starts(quota.timezone, wall))
         reply = await self._call("decide", keys, args)
-        decision = _decision(limits, cost, reply, idempotency_key if keep_ms else None)
-        if self.near_cache is not None and not decision.allowed:
+        decision = _decision(limits, cost, reply, idempotency_key if keyed else None, claim)
+        if self.near_cache is not None and decision.denied_by is not None:
             self.near_cache.remember(account, limits, decision, now)
         return decision
 
@@ -103,19 +115,37 @@ class Engine:
         return decision, used
 
     async def refund(self, account: str, limits: LimitSet, decision: Decision, *, now: float | None = None) -> None:
-        """Give back what an admitted `decision` took. A decision with an idempotency key is refunded once."""
+        """Give back what an admitted `decision` took, and free the idempotency key it claimed.
+
+        A decision that claimed a key is refunded only while it holds the claim: once, and never after
+        `keep_answer`.
+        """
         if not decision.allowed or decision.cost == 0 or decision.replayed:
             return
         # Only what was charged: a shadow limit that would have refused took nothing.
         charged = [s for s in decision.states if s.retry_after == 0]
         buckets = [s.limit for s in charged if isinstance(s.limit, Bucket)]
         keys = [counter_key(account, s.limit.counter) for s in charged]
-        if decision.idempotency_key is not None:
+        if decision.idempotency_key is not None and decision.claim is not None:
             keys.append(idempotency_record(account, decision.idempotency_key))
-        args: list[Any] = [_now_arg(now), decision.cost, len(buckets), int(decision.idempotency_key is not None)]
+        args: list[Any] = [_now_arg(now), decision.cost, len(buckets), decision.claim or ""]
         args.extend(b.interval_us for b in buckets)
         args.extend(s.day_start_us for s in charged if isinstance(s.limit, DailyQuota))
         await self._call("refund", keys, args)
+
+    async def keep_answer(self, account: str, decision: Decision, answer: bytes | None) -> bool:
+        """End the idempotency key `decision` claimed, its charge standing: keep `answer` for replays.
+
+        `answer` None (too big, or not all sent) keeps none: a replay is then told so. False if the
+        decision no longer held its claim (refunded, or its lease ran out) and nothing was written.
+        """
+        key, claim = decision.idempotency_key, decision.claim
+        if key is None or claim is None:
+            return False
+        lifetimes = self._key_lifetimes
+        keys = [idempotency_record(account, key), idempotency_answer(account, key)]
+        args: list[Any] = [claim, answer or b"", lifetimes.answer_ms, lifetimes.remembered_ms]
+        return bool(await self._call("keep", keys, args))
 
     async def grant(self, account: str, quota: DailyQuota, units: int, *, now: float | None = None) -> int:
         """Add `units` bonus units to `account`'s quota for today; returns today's grants in all."""
@@ -165,9 +195,22 @@ def _keys(account: str, limits: LimitSet) -> list[str]:
     return [counter_key(account, limit.counter) for limit in limits]
 
 
-def _decision(limits: LimitSet, cost: int, reply: list[int], idempotency: str | None) -> Decision:
+def _decision(limits: LimitSet, cost: int, reply: list[Any], idempotency: str | None, claim: str) -> Decision:
     # hiredis hands Lua's integers back as ints: the reply is read as it is, with no conversions.
-    denied, now_us, replayed = reply[0], reply[1], reply[2]
+    denied, now_us, key_state = reply[0], reply[1], KeyState(reply[2])
+    if key_state > KeyState.CLAIMED:  # answered by the key alone: no limit was looked at, nothing charged
+        replayed = key_state == KeyState.REPLAYED
+        return Decision(
+            allowed=replayed,
+            cost=cost,
+            now_us=now_us,
+            states=(),
+            denied_by=None,
+            idempotency_key=idempotency,
+            replayed=replayed,
+            key_state=key_state,
+            kept_answer=reply[3] if replayed else None,
+        )
     states = []
     refusing = []
     at = 3
@@ -192,7 +235,8 @@ def _decision(limits: LimitSet, cost: int, reply: list[int], idempotency: str | 
         # The limit that keeps the client waiting longest is the one to report.
         denied_by=max(refusing, key=_wait) if denied else None,
         idempotency_key=idempotency,
-        replayed=replayed == 1,
+        key_state=key_state,
+        claim=claim if key_state == KeyState.CLAIMED else None,
     )
 
 

@@ -10,5 +10,10 @@ def counter_key(account: str, counter: str) -> str:
 
 
 def idempotency_record(account: str, key: str) -> str:
-    """Key of the first decision made for a client's Idempotency-Key."""
+    """Key of the record of a client's Idempotency-Key: the request it is bound to, and how that ended."""
     return f"qg:{{{account}}}:idem:{key}"
+
+
+def idempotency_answer(account: str, key: str) -> str:
+    """Key of the answer kept for a client's Idempotency-Key (a prefix of its own: no key's record can be it)."""
+    return f"qg:{{{account}}}:idem-answer:{key}"

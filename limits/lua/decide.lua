@@ -3,36 +3,48 @@
 -- KEYS[1..nb]        token buckets (GCRA): the key holds the theoretical arrival time, µs since the epoch.
 -- KEYS[nb+1..nb+nq]  daily quotas: a hash, d = start of the day counted (µs), u = units used that day,
 --                    g = bonus units granted for that day.
--- KEYS[nb+nq+1]      (only if ARGV[4] > 0) the idempotency record of this request.
+-- KEYS[#KEYS-1..]    (only if ARGV[4] > 0) the request's idempotency record and the key of its kept answer.
+--                    The record is a hash: f = the request's fingerprint, s = its state (p: in flight,
+--                    a: ended, answer kept, n: ended, answer not kept), o = the claim token while in flight.
 -- ARGV[1]            now, µs since the epoch; '' to read the Redis server's clock (TIME), so replicas agree.
 -- ARGV[2]            cost, units (0 reads the state and writes nothing).
 -- ARGV[3]            nb, the number of buckets.
--- ARGV[4]            how long to keep the idempotency record, ms; 0 if the request has none.
+-- ARGV[4]            how long a claimed key stays in flight at most, ms; 0 if the request has no key.
 -- ARGV[5]            shadow limits: '1' at position i if limit i is in shadow mode, else '0'; '' if none is.
 --                    A shadow limit is computed and reported but never refuses; when it would refuse it
 --                    is not charged (as an enforced limit would not be), so its state stays faithful.
+-- ARGV[6]            the request's fingerprint (its method, target and body digest), with a key.
+-- ARGV[7]            the token that marks this request's claim on the key, with a key.
 -- then per bucket:   interval (µs per unit), burst (units).
 -- then per quota:    limit (units; -1 = unlimited: counted, never refused), then the starts of yesterday,
 --                    today, tomorrow and the day after (µs) in the quota's time zone, as the caller's clock
 --                    sees them; the day that holds `now` is the one counted.
 --
--- Returns {denied, now, replayed, then per limit: remaining, reset, retry, day}
+-- Returns {denied, now, key_state, then per limit: remaining, reset, retry, day}
 --   denied    0 if admitted, else the 1-based index of the first enforced limit that refused
---   replayed  1 if the idempotency record existed: the first decision is returned and nothing is charged
+--   key_state 0: no key, or refused by a limit (the key stays free); 1: admitted, the key claimed.
+--             A key already in the record is answered before any limit is looked at, charging nothing,
+--             as {0, now, key_state} with no limit rows: 2 its request is in flight, 3 it was used
+--             for another fingerprint, 4 its answer is kept (then the answer follows: {0, now, 4, answer}),
+--             5 its request ended without a kept answer, 6 its kept answer has expired.
 --   remaining units left after this request (before it, if refused); -1 for an unlimited quota
 --   reset     µs until the bucket is full again / until the day ends
 --   retry     µs until this limit would admit `cost`; 0 if it does now; -1 if it never can
 --   day       start of the counted day (µs), 0 for buckets
-local nb, keep_ms, shadow = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local nq = #KEYS - nb - (keep_ms > 0 and 1 or 0)
-local record = KEYS[nb + nq + 1]
-if record then
-  local first = redis.call('GET', record)
-  if first then
-    local out = {}
-    for v in string.gmatch(first, '[^,]+') do out[#out + 1] = tonumber(v) end
-    out[3] = 1
-    return out
+local nb, lease_ms, shadow = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local nq = #KEYS - nb - (lease_ms > 0 and 2 or 0)
+local record, answer = nil, nil
+if lease_ms > 0 then
+  record, answer = KEYS[#KEYS - 1], KEYS[#KEYS]
+  local seen = redis.call('HMGET', record, 'f', 's')
+  if seen[1] then
+    local now = clock(ARGV[1])
+    if seen[1] ~= ARGV[6] then return {0, now, 3} end
+    if seen[2] == 'p' then return {0, now, 2} end
+    if seen[2] == 'n' then return {0, now, 5} end
+    local kept = redis.call('GET', answer)
+    if not kept then return {0, now, 6} end
+    return {0, now, 4, kept}
   end
 end
 
@@ -50,7 +62,7 @@ local function row(i, remaining, reset, retry, day)
 end
 
 local tats = {}
-local a = 6
+local a = 8
 for i = 1, nb do
   local interval, burst = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
@@ -112,8 +124,9 @@ for i = nb + 1, nb + nq do
   end
 end
 if record then
-  local fields = {}
-  for k, v in ipairs(out) do fields[k] = string.format('%d', v) end
-  redis.call('SET', record, table.concat(fields, ','), 'PX', keep_ms)
+  -- Claimed until the request ends (keep.lua or refund.lua); the lease frees it if its replica dies.
+  redis.call('HSET', record, 'f', ARGV[6], 's', 'p', 'o', ARGV[7])
+  redis.call('PEXPIRE', record, lease_ms)
+  out[3] = 1
 end
 return out

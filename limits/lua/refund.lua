@@ -1,22 +1,25 @@
 -- Give back what one admitted request took: the exact inverse of decide.lua's charge.
 --
 -- KEYS               the same keys, in the same order, as the decide call that admitted the request,
---                    its idempotency record included if it had one.
+--                    its idempotency record (not the answer's key) included if it claimed one.
 -- ARGV[1]            now, µs since the epoch; '' to read the Redis server's clock (TIME).
 -- ARGV[2]            cost, units, as charged.
 -- ARGV[3]            nb, the number of buckets.
--- ARGV[4]            1 if the last key is the request's idempotency record, else 0.
+-- ARGV[4]            the token of the request's claim on its idempotency record (the last key); '' if none.
 -- then per bucket:   interval (µs per unit).
 -- then per quota:    the start of the day that was charged (µs); a quota whose day has since turned is
 --                    left alone, since yesterday's charge no longer counts.
 --
--- A bucket never holds more than its burst and a quota never goes below zero. A request with an
--- idempotency record is refunded once: the record goes with the refund, so the client may retry.
+-- A bucket never holds more than its burst and a quota never goes below zero. A request that claimed
+-- an idempotency key is refunded only while it still holds the claim, so once: the record goes with
+-- the refund and the client may retry with the same key. A request whose answer was kept
+-- (keep.lua) no longer holds it, so a replayable answer is never refunded.
 -- Returns the number of limits that gave something back.
-local nb, has_record = tonumber(ARGV[3]), tonumber(ARGV[4]) == 1
-local nq = #KEYS - nb - (has_record and 1 or 0)
-if has_record and redis.call('DEL', KEYS[#KEYS]) == 0 then
-  return 0
+local nb, claim = tonumber(ARGV[3]), ARGV[4]
+local nq = #KEYS - nb - (claim ~= '' and 1 or 0)
+if claim ~= '' then
+  if redis.call('HGET', KEYS[#KEYS], 'o') ~= claim then return 0 end
+  redis.call('DEL', KEYS[#KEYS])
 end
 
 local now = clock(ARGV[1])

@@ -29,16 +29,6 @@ def plan(daily: int | None = 3, timezone: ZoneInfo = UTC) -> LimitSet:
     )
 
 
-async def test_an_idempotency_key_sent_again_gets_the_first_decision_and_no_charge(redis_client: Redis) -> None:
-    engine, limits = Engine(redis_client), plan()
-    first = await engine.decide("ann", limits, 2, now=NOON, idempotency_key="req-1")
-    again = await engine.decide("ann", limits, 2, now=NOON + 5, idempotency_key="req-1")
-    assert first.allowed and again.allowed and again.replayed and not first.replayed
-    assert again.states[1].remaining == first.states[1].remaining == 1
-    assert (await engine.peek("ann", limits, now=NOON + 5)).states[1].remaining == 1
-    assert 0 < await redis_client.pttl("qg:{ann}:idem:req-1") <= 24 * 3600 * 1000
-
-
 async def test_a_refund_is_given_once_and_frees_the_idempotency_key(redis_client: Redis) -> None:
     engine, limits = Engine(redis_client), plan()
     decision = await engine.decide("ann", limits, 2, now=NOON, idempotency_key="req-1")
