@@ -10,6 +10,11 @@ An idle connection is closed after `keepalive` seconds, under the 5 s after whic
 backend's server) closes one, so no request goes out on a connection the upstream is closing. The
 read timeout bounds the silence between two reads, as aiohttp's `sock_read` did: an image that takes
 a minute to make is fine, a stalled upstream is not.
+
+Each request gets exactly one answer: the parser stops at the answer's end, and a connection on which
+anything but blank lines follows that end is closed, never pooled, so nothing an upstream sends past
+one answer can reach another. An answer's head is bounded, interim (1xx) answers are counted, and a
+101 Switching Protocols is an error: the gateway relays HTTP and nothing else.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import NoReturn, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -31,10 +36,22 @@ UPSTREAM_KEEPALIVE_S = 4.0
 HIGH_WATER = 1 << 20
 # Methods whose request is sent with a Content-Length even when empty (RFC 9110 §8.6).
 _WITH_CONTENT = frozenset({"POST", "PUT", "PATCH"})
+# The heads of one exchange (its interim answers' and its answer's), status lines to blank lines. The
+# backend's heads are a few hundred bytes; 64 KiB is 4× the 16 KiB Node.js allows by default, room for
+# any server or proxy in between, and a bound on what an upstream makes the gateway hold before a body.
+MAX_HEAD_BYTES = 64 * 1024
+# 100 Continue and a 103 Early Hints or two are all an exchange has reason to carry. Each interim answer
+# is a read, so resets the read timeout: without a count, a stream of them would hold a request forever.
+MAX_INTERIM = 8
+_HEAD_TOO_LARGE = f"the answer's head is larger than {MAX_HEAD_BYTES // 1024} KiB"
 
 
 class UpstreamError(Exception):
     """No complete answer: refused, reset, timed out, or not HTTP."""
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop the parser where it is: the callback has settled the exchange."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +122,7 @@ class Answer:
             return
         self._ended = True
         connection = self._connection
-        if connection.complete and connection.reusable:
+        if connection.complete and connection.reusable and connection.open:
             self._client.put_back(connection)
         else:
             connection.close()
@@ -218,7 +235,9 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.reusable = False
         self._chunked = False
-        self._interim = False
+        self._interims = 0
+        self._head_read = 0  # bytes received while a head was unfinished
+        self._head_parsed = 0  # bytes of the header lines parsed, status lines left out
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._head_waiter: asyncio.Future[None] | None = None
@@ -234,7 +253,8 @@ class _Connection(asyncio.Protocol):
         assert self._transport is not None and not self._busy
         self._busy = True
         self.status, self.headers, self.content_length = 0, [], None
-        self.complete = self.reusable = self._chunked = self._interim = False
+        self.complete = self.reusable = self._chunked = False
+        self._interims = self._head_read = self._head_parsed = 0
         self._chunks, self._buffered, self._error = [], 0, None
         self._head_waiter = self.loop.create_future()
         self._last_read = self.loop.time()
@@ -288,8 +308,15 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"the answer is not valid HTTP: {exc}"))
+            if self._busy:  # not stopped by a callback, which settles the exchange itself
+                self._fail(UpstreamError(f"the answer is not valid HTTP: {exc}"))
             self.close()
+            return
+        if self._busy and not self.status:  # the answer's head is unfinished: all read so far is heads
+            self._head_read += len(data)
+            if self._head_read > MAX_HEAD_BYTES:  # before httptools holds more of one unfinished field
+                self._fail(UpstreamError(_HEAD_TOO_LARGE))
+                self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
@@ -304,7 +331,15 @@ class _Connection(asyncio.Protocol):
 
     # httptools' callbacks
 
+    def on_message_begin(self) -> None:
+        if self.complete:  # bytes past the answer's end: whatever they are, they belong to no request
+            self.reusable = False
+            raise _Stop
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_parsed += len(name) + len(value) + 3  # at least "name:value\r\n": never more than was read
+        if self._head_parsed > MAX_HEAD_BYTES:
+            self._refuse(UpstreamError(_HEAD_TOO_LARGE))
         self.headers.append((name, value))
         if len(name) == 14 and name.lower() == b"content-length":
             self.content_length = int(value)
@@ -314,7 +349,11 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-            self._interim = True
+            if status == 101:  # what follows would be another protocol, to be relayed blind
+                self._refuse(UpstreamError("the upstream switched to another protocol (101), which is never relayed"))
+            self._interims += 1
+            if self._interims > MAX_INTERIM:
+                self._refuse(UpstreamError(f"the upstream sent more than {MAX_INTERIM} interim (1xx) answers"))
             self.headers, self.content_length, self._chunked = [], None, False
             return
         self.status = status
@@ -334,10 +373,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if self._interim:
-            self._interim = False
-            return
-        self._end(reusable=self._parser.should_keep_alive())
+        if self.status:  # not an interim answer, which leaves the status to the answer that follows
+            self._end(reusable=self._parser.should_keep_alive())
 
     # How an exchange ends.
 
@@ -355,6 +392,11 @@ class _Connection(asyncio.Protocol):
         if self._head_waiter is not None and not self._head_waiter.done():
             self._head_waiter.set_exception(error)
         self._wake()
+
+    def _refuse(self, error: UpstreamError) -> NoReturn:
+        """Fail the exchange and stop the parser: nothing more of this connection is read."""
+        self._fail(error)
+        raise _Stop
 
     def _wake(self) -> None:
         waiter, self._body_waiter = self._body_waiter, None

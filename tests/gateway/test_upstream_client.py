@@ -3,69 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.errors import ConfigError
 from gateway.settings import Settings
-from gateway.upstream_client import HIGH_WATER, Origin, UpstreamClient, UpstreamError
+from gateway.upstream_client import HIGH_WATER, MAX_HEAD_BYTES, MAX_INTERIM, Origin, UpstreamClient, UpstreamError
+
+from .scripted_upstream import scripted
 
 pytestmark = pytest.mark.anyio
 
 HANG = 10.0  # seconds; a bound on a hang, not a timing assertion
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-@dataclass
-class Scripted:
-    """A TCP server: for each request it reads, it sends the next answer of `answers` (bytes, or a callable
-    that gets the writer and does what it likes); it records each request and counts connections."""
-
-    answers: list[bytes | Callable[[asyncio.StreamWriter], object]]
-    requests: list[bytes] = field(default_factory=list)
-    connections: int = 0
-    url: str = ""
-    asked: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while self.answers:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    (
-                        int(line.split(b":")[1])
-                        for line in head.split(b"\r\n")
-                        if line.lower().startswith(b"content-length:")
-                    ),
-                    0,
-                )
-                self.requests.append(head + await reader.readexactly(length))
-                self.asked.set()
-                answer = self.answers.pop(0)
-                if callable(answer):
-                    result = answer(writer)
-                    if asyncio.iscoroutine(result):
-                        await result
-                else:
-                    writer.write(answer)
-                    await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-
-@asynccontextmanager
-async def scripted(*answers: bytes | Callable[[asyncio.StreamWriter], object]) -> AsyncIterator[Scripted]:
-    server = Scripted(list(answers))
-    listening = await asyncio.start_server(server.handle, "127.0.0.1", 0)
-    server.url = f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}"
-    async with listening:
-        yield server
+HANG_BYTES = 1 << 20  # what an endless head sends before it stalls: far past any bound on a head
 
 
 @asynccontextmanager
@@ -236,6 +191,120 @@ async def test_a_request_cancelled_while_waiting_closes_its_connection() -> None
             await waiting
         assert await _fetch(c, server.url) == (200, b"ok")  # on a new connection: the old one was never pooled
     assert server.connections == 2
+
+
+async def _exchange(c: UpstreamClient, url: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """One request; the answer's status, headers as received, and whole body."""
+    answer = await asyncio.wait_for(c.send(Origin.parse(url), "POST", "/v1/x", [], b"{}"), HANG)
+    try:
+        return answer.status, list(answer.headers), await asyncio.wait_for(answer.read(), HANG)
+    finally:
+        answer.release()
+
+
+OK_AS_SENT = (200, [(b"Content-Length", b"2")], b"ok")
+# What a faulty upstream sends past its answer's end: a whole second answer in the same segment, or the
+# start of one that a parser left waiting would finish with the next request's answer on that connection.
+SECOND_ANSWER = b"HTTP/1.1 404 Not Found\r\nSet-Cookie: session=someone-else\r\nContent-Length: 4\r\n\r\nevil"
+UNFINISHED_ANSWER = b"HTTP/1.1 201 Created\r\nSet-Cookie: session=someone-else; x="
+
+
+@pytest.mark.parametrize("after", [SECOND_ANSWER, UNFINISHED_ANSWER], ids=["second answer", "unfinished answer"])
+async def test_bytes_past_an_answers_end_reach_no_answer_and_the_connection_is_never_reused(after: bytes) -> None:
+    async with scripted(OK + after, OK) as server, client() as c:
+        assert await _exchange(c, server.url) == OK_AS_SENT
+        assert await _exchange(c, server.url) == OK_AS_SENT
+    assert server.connections == 2
+
+
+def _framed(body: bytes, chunked: bool) -> bytes:
+    if not chunked:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:7], body[7:]) if part)
+    return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%s0\r\n\r\n" % chunks
+
+
+_ANSWER_START = b"HTTP/1.1 200 OK\r\nSet-Cookie: s=1\r\nContent-Length: 3\r\n\r\nabc"
+# The parser skips blank lines after an answer, as RFC 9112 §2.2 has a server skip them before a request: they
+# carry nothing, so they are left out here.
+_trailing_bytes = st.one_of(
+    st.binary(min_size=1, max_size=200),
+    st.integers(1, len(_ANSWER_START)).map(lambda cut: _ANSWER_START[:cut]),
+    st.binary(max_size=50).map(lambda more: _ANSWER_START + more),
+).filter(lambda after: after.strip(b"\r\n") != b"")
+
+
+@settings(max_examples=60, deadline=None)
+@given(body=st.binary(max_size=100), chunked=st.booleans(), after=_trailing_bytes)
+def test_whatever_follows_an_answer_its_reader_gets_that_answer_alone_and_the_next_a_fresh_connection(
+    body: bytes, chunked: bool, after: bytes
+) -> None:
+    async def two_exchanges() -> tuple[tuple[int, bytes], tuple[int, bytes], int]:
+        async with scripted(_framed(body, chunked) + after, OK) as server, client() as c:
+            first, second = await _fetch(c, server.url), await _fetch(c, server.url)
+        return first, second, server.connections
+
+    assert asyncio.run(two_exchanges()) == ((200, body), (200, b"ok"), 2)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x05hello",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n" + OK,
+    ],
+    ids=["upgrade", "101 then an answer"],
+)
+async def test_an_upstream_switching_protocols_is_an_upstream_error_never_relayed(answer: bytes) -> None:
+    async with scripted(answer, OK) as server, client() as c:
+        with pytest.raises(UpstreamError) as refused:
+            await _fetch(c, server.url)
+        assert str(refused.value) == "the upstream switched to another protocol (101), which is never relayed"
+        assert await _fetch(c, server.url) == (200, b"ok")
+    assert server.connections == 2
+
+
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+
+
+async def test_up_to_eight_interim_answers_are_passed_over_and_a_ninth_is_an_upstream_error() -> None:
+    async with scripted(EARLY_HINTS * MAX_INTERIM + OK, EARLY_HINTS * (MAX_INTERIM + 1) + OK) as server, client() as c:
+        assert await _exchange(c, server.url) == OK_AS_SENT
+        with pytest.raises(UpstreamError) as refused:
+            await _fetch(c, server.url)
+    assert str(refused.value) == "the upstream sent more than 8 interim (1xx) answers"
+
+
+def _head_of(size: int) -> bytes:
+    """An answer whose head, status line to blank line, is `size` bytes (given room for one header)."""
+    start, end = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Padding: ", b"\r\n\r\n"
+    return start + b"p" * (size - len(start) - len(end)) + end + b"ok"
+
+
+async def test_an_answer_head_of_64_kib_is_read_and_a_larger_one_is_an_upstream_error() -> None:
+    # Heads are counted by their header lines, less the status line's few bytes: over by a line is refused.
+    one_large = _head_of(MAX_HEAD_BYTES + 100)
+    many = b"HTTP/1.1 200 OK\r\n" + b"X-Many: %s\r\n" % (b"m" * 100) * 700 + b"Content-Length: 2\r\n\r\nok"
+    async with scripted(_head_of(MAX_HEAD_BYTES), one_large, many) as server, client() as c:
+        assert await _fetch(c, server.url) == (200, b"ok")
+        for _ in range(2):
+            with pytest.raises(UpstreamError) as refused:
+                await _fetch(c, server.url)
+            assert str(refused.value) == "the answer's head is larger than 64 KiB"
+
+
+async def test_a_head_that_never_ends_is_an_upstream_error_once_past_64_kib() -> None:
+    async def endless_head(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        for _ in range(HANG_BYTES // 4096):  # one header value, sent on and on: it is never complete
+            writer.write(b"e" * 4096)
+            await writer.drain()
+        await asyncio.sleep(HANG)
+
+    async with scripted(endless_head) as server, client() as c:
+        with pytest.raises(UpstreamError) as refused:
+            await _fetch(c, server.url)
+    assert str(refused.value) == "the answer's head is larger than 64 KiB"
 
 
 def test_origins_parse_scheme_host_port_and_prefix() -> None:
