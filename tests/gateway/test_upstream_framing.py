@@ -1,0 +1,60 @@
+"""Through a running gateway: whatever an upstream sends past one answer reaches no client, this one or the next.
+
+The upstream is a raw socket server that writes each answer's bytes exactly as scripted; the gateway forwards
+two users' requests in turn, over its pool of kept connections.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
+from gateway.app import create_app
+from gateway.config import Config
+from gateway.identity import KeyStore
+
+from .conftest import SECRET, serve_in_thread, settings_for
+from .scripted_upstream import scripted
+
+pytestmark = pytest.mark.anyio
+
+PATH = "/v1/images/generations"
+HANG = 10.0  # seconds; a bound on a hang, not a timing assertion
+
+
+def _answer(body: bytes) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    return head + body
+
+
+FIRST_BODY = b'{"created": 1, "data": [{"b64_json": "Zmlyc3Q="}]}'
+SECOND_BODY = b'{"created": 2, "data": [{"b64_json": "c2Vjb25k"}]}'
+# Past the first answer's end, in the same segment: a whole answer of its own, or the start of one that,
+# left in a parser, the next answer on that connection would complete (its status line read as a header value).
+TRAILING = {
+    "a second answer": b"HTTP/1.1 404 Not Found\r\nSet-Cookie: session=user-one\r\nContent-Length: 4\r\n\r\nevil",
+    "an unfinished answer": b"HTTP/1.1 201 Created\r\nSet-Cookie: session=user-one; x=",
+}
+
+
+@pytest.mark.parametrize("trailing", TRAILING.values(), ids=TRAILING.keys())
+async def test_bytes_past_an_upstream_answer_reach_neither_its_client_nor_the_next_one(
+    redis_url: str, redis_client: Redis, config: Config, trailing: bytes
+) -> None:
+    keys = KeyStore(redis_client, SECRET)
+    first_user, second_user = await keys.create_key("ann", "free"), await keys.create_key("bob", "free")
+    async with scripted(_answer(FIRST_BODY) + trailing, _answer(SECOND_BODY)) as upstream:
+        app = create_app(settings_for(redis_url, upstream.url), config, registry=CollectorRegistry())
+        with serve_in_thread(app, lifespan="on") as url:  # type: ignore[arg-type]
+            answers = []
+            for key in (first_user, second_user):  # one after the other: the second may reuse the first's connection
+                async with httpx.AsyncClient(base_url=url, timeout=HANG) as user:
+                    headers = {"Authorization": f"Bearer {key}"}
+                    answers.append(await user.post(PATH, json={"prompt": "x"}, headers=headers))
+    first, second = answers
+    assert (first.status_code, first.content) == (200, FIRST_BODY)
+    assert (second.status_code, second.content) == (200, SECOND_BODY)
+    assert "set-cookie" not in first.headers and "set-cookie" not in second.headers
+    assert upstream.connections == 2  # the first connection was closed, not pooled
