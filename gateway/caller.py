@@ -1,7 +1,19 @@
 """Who sent a request: an account a trusted auth proxy vouches for, else the API key's owner.
 
 Failed authentications are counted per client address (gateway/authguard.py), which is the socket's
-peer unless a trusted proxy names the client (gateway/peers.py).
+peer unless a trusted proxy names the client (gateway/peers.py); only failures are ever refused for it.
+
+Identity comes from the header section alone, never from a chunked body's trailer section. uvicorn's
+httptools protocol appends every field its parser reports to the list that is `scope["headers"]`,
+trailer fields included: a request whose chunked body arrives in the same read as its head shows
+its trailers to the app as headers, and one whose trailers arrive later has them appended while it
+runs. Nothing in that list tells a header from a trailer (the header section may hold its fields in
+any order, `Transfer-Encoding` first or last), so no filtering of it is sound. What is sound: only
+a chunked body has a trailer section, and a chunked body needs `Transfer-Encoding` in the header
+section, which is complete when the app starts. A request that carries it is refused with 411
+Length Required (RFC 9110 §15.5.12) before any field is believed. Clients that send JSON (curl -d,
+the openai client, httpx, requests) send a Content-Length, and every body the gateway accepts is
+read whole before it is forwarded anyway, so refusing chunked bodies costs them nothing.
 """
 
 from __future__ import annotations
@@ -9,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from gateway.errors import Unauthorized
+from gateway.errors import LengthRequired, Unauthorized
 from gateway.identity import Identity
 
 if TYPE_CHECKING:
@@ -19,10 +31,12 @@ if TYPE_CHECKING:
 async def identify(headers: Mapping[str, str], peer: str | None, services: Services) -> Identity:
     """The identity of a request with `headers` (looked up by lower-case names) from the socket peer `peer`.
 
-    Unauthorized (401), or RateLimited (429) once its address failed too often.
+    LengthRequired (411) for a chunked body; Unauthorized (401), or RateLimited (429) once its address failed
+    too often: a valid key or vouched account is let in whatever its address did.
     """
+    if "transfer-encoding" in headers:
+        raise LengthRequired("Send the request body with a Content-Length: chunked request bodies are not accepted.")
     address = services.peers.client_address(peer, headers.get("x-forwarded-for"))
-    services.auth_guard.check(address)
     try:
         vouched = headers.get(services.settings.account_header.lower())
         if vouched is not None and services.peers.trusts(peer):

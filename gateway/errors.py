@@ -3,6 +3,7 @@
 ConfigError                  the quota YAML was refused: "file:line: field: problem"
 ApiError                     an answer to the client, with an OpenAI-shaped JSON body
  ├── BadRequest              400 invalid_request_error: bad JSON, a bad field
+ │    └── LengthRequired      411 length_required: a chunked request body (only Content-Length is taken)
  ├── Unauthorized            401 invalid_api_key: missing, malformed, unknown or revoked key
  ├── Forbidden               403 permission_error: the account's plan is not configured
  ├── NotFound                404 not_found: no route for the path
@@ -46,6 +47,10 @@ class ApiError(Exception):
 
 class BadRequest(ApiError):
     status, type = 400, "invalid_request_error"
+
+
+class LengthRequired(BadRequest):
+    status, code = 411, "length_required"
 
 
 class Unauthorized(ApiError):

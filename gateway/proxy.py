@@ -38,6 +38,7 @@ from gateway.forward import upstream_headers
 from gateway.identity import Identity
 from gateway.metrics import NO_PLAN
 from gateway.relay import Charge, CutShort, relay
+from gateway.requestheaders import header_fields
 from gateway.requestlog import RequestRecord, begin, prompt_of, since_ms, write
 from limits import DailyQuota, Decision, LimitsError
 
@@ -61,12 +62,8 @@ class Incoming:
 
     @classmethod
     def of(cls, scope: Scope, receive: Receive) -> Incoming:
-        headers: dict[str, str] = {}
-        for raw_name, raw_value in scope["headers"]:
-            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
         client = scope.get("client")
-        return cls(scope, receive, headers, client[0] if client else None)
+        return cls(scope, receive, header_fields(scope["headers"]), client[0] if client else None)
 
 
 async def proxy(services: Services, route: Route, scope: Scope, receive: Receive, send: Send) -> None:

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from gateway.caller import identify
 from gateway.errors import Forbidden
 from gateway.headers import rate_limit_headers
+from gateway.requestheaders import header_fields
 from gateway.usage import limits_view
 
 if TYPE_CHECKING:
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
 async def quota(request: Request) -> Response:
     """The caller's plan and, per limit, its size, what is used and left, and when it resets."""
     services: Services = request.app.state.services
-    identity = await identify(request.headers, request.client.host if request.client else None, services)
+    headers = header_fields(request.scope["headers"])  # as the proxied routes read them
+    identity = await identify(headers, request.client.host if request.client else None, services)
     plan = services.config.plan_at(identity.plan, time.time())
     if plan is None:
         raise Forbidden(f"This account's plan {identity.plan!r} is not offered; contact support.")
