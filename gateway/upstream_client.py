@@ -350,10 +350,10 @@ class _Connection(asyncio.Protocol):
         status = self._parser.get_status_code()
         if status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
             if status == 101:  # what follows would be another protocol, to be relayed blind
-                self._refuse(UpstreamError("the upstream switched to another protocol (101), which is never relayed"))
+                self._refuse(UpstreamError("the upstream answered 101 Switching Protocols, which is never relayed"))
             self._interims += 1
             if self._interims > MAX_INTERIM:
-                self._refuse(UpstreamError(f"the upstream sent more than {MAX_INTERIM} interim (1xx) answers"))
+                self._refuse(UpstreamError(f"the upstream sent more than {MAX_INTERIM} interim 1xx answers"))
             self.headers, self.content_length, self._chunked = [], None, False
             return
         self.status = status

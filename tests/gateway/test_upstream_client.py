@@ -259,7 +259,7 @@ async def test_an_upstream_switching_protocols_is_an_upstream_error_never_relaye
     async with scripted(answer, OK) as server, client() as c:
         with pytest.raises(UpstreamError) as refused:
             await _fetch(c, server.url)
-        assert str(refused.value) == "the upstream switched to another protocol (101), which is never relayed"
+        assert str(refused.value) == "the upstream answered 101 Switching Protocols, which is never relayed"
         assert await _fetch(c, server.url) == (200, b"ok")
     assert server.connections == 2
 
@@ -272,7 +272,7 @@ async def test_up_to_eight_interim_answers_are_passed_over_and_a_ninth_is_an_ups
         assert await _exchange(c, server.url) == OK_AS_SENT
         with pytest.raises(UpstreamError) as refused:
             await _fetch(c, server.url)
-    assert str(refused.value) == "the upstream sent more than 8 interim (1xx) answers"
+    assert str(refused.value) == "the upstream sent more than 8 interim 1xx answers"
 
 
 def _head_of(size: int) -> bytes:

@@ -58,3 +58,34 @@ async def test_bytes_past_an_upstream_answer_reach_neither_its_client_nor_the_ne
     assert (second.status_code, second.content) == (200, SECOND_BODY)
     assert "set-cookie" not in first.headers and "set-cookie" not in second.headers
     assert upstream.connections == 2  # the first connection was closed, not pooled
+
+
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+FAULTY = {
+    "101": (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x05hello",
+        "the upstream answered 101 Switching Protocols, which is never relayed",
+    ),
+    "interim flood": (EARLY_HINTS * 9 + _answer(FIRST_BODY), "the upstream sent more than 8 interim 1xx answers"),
+    "huge head": (
+        b"HTTP/1.1 200 OK\r\nX-Huge: %s\r\n" % (b"h" * (1 << 17)) + _answer(FIRST_BODY).split(b"\r\n", 1)[1],
+        "the answer's head is larger than 64 KiB",
+    ),
+}
+
+
+@pytest.mark.parametrize(("answer", "reason"), FAULTY.values(), ids=FAULTY.keys())
+async def test_a_switch_of_protocol_an_interim_flood_or_a_huge_head_is_a_clean_502_refunded(
+    redis_url: str, redis_client: Redis, config: Config, answer: bytes, reason: str
+) -> None:
+    key = await KeyStore(redis_client, SECRET).create_key("ann", "free")
+    registry = CollectorRegistry()
+    async with scripted(answer) as upstream:
+        app = create_app(settings_for(redis_url, upstream.url), config, registry=registry)
+        with serve_in_thread(app, lifespan="on") as url:  # type: ignore[arg-type]
+            async with httpx.AsyncClient(base_url=url, timeout=HANG) as user:
+                refused = await user.post(PATH, json={"prompt": "x"}, headers={"Authorization": f"Bearer {key}"})
+    assert refused.status_code == 502 and refused.json()["error"]["code"] == "upstream_error"
+    # Nothing of the upstream's answer is relayed, and the message names no upstream address.
+    assert refused.json()["error"]["message"] == (f"The image service did not answer ({reason}); you were not charged.")
+    assert registry.get_sample_value("quotagate_images_refunded_total", {"plan": "free"}) == 1
