@@ -36,8 +36,8 @@ UPSTREAM_KEEPALIVE_S = 4.0
 HIGH_WATER = 1 << 20
 # Methods whose request is sent with a Content-Length even when empty (RFC 9110 §8.6).
 _WITH_CONTENT = frozenset({"POST", "PUT", "PATCH"})
-# The heads of one exchange (its interim answers' and its answer's), status lines to blank lines. The
-# backend's heads are a few hundred bytes; 64 KiB is 4× the 16 KiB Node.js allows by default, room for
+# The most an answer's head (or an interim answer's) may take, and the most read while heads are unfinished.
+# The backend's heads are a few hundred bytes; 64 KiB is 4× the 16 KiB Node.js allows by default, room for
 # any server or proxy in between, and a bound on what an upstream makes the gateway hold before a body.
 MAX_HEAD_BYTES = 64 * 1024
 # 100 Continue and a 103 Early Hints or two are all an exchange has reason to carry. Each interim answer
@@ -201,6 +201,10 @@ class UpstreamClient:
         return connection
 
 
+def _header_lines(headers: list[tuple[bytes, bytes]]) -> int:
+    return sum(len(name) + len(value) + 3 for name, value in headers)
+
+
 def _request_head(origin: Origin, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
     lines = [f"{method} {origin.prefix}{target} HTTP/1.1", f"Host: {origin.host_header}"]
     lines += [f"{name}: {value}" for name, value in headers]
@@ -236,8 +240,7 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         self._chunked = False
         self._interims = 0
-        self._head_read = 0  # bytes received while a head was unfinished
-        self._head_parsed = 0  # bytes of the header lines parsed, status lines left out
+        self._head_read = 0  # bytes of the reads that began while a head was unfinished
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._head_waiter: asyncio.Future[None] | None = None
@@ -254,7 +257,7 @@ class _Connection(asyncio.Protocol):
         self._busy = True
         self.status, self.headers, self.content_length = 0, [], None
         self.complete = self.reusable = self._chunked = False
-        self._interims = self._head_read = self._head_parsed = 0
+        self._interims = self._head_read = 0
         self._chunks, self._buffered, self._error = [], 0, None
         self._head_waiter = self.loop.create_future()
         self._last_read = self.loop.time()
@@ -305,6 +308,8 @@ class _Connection(asyncio.Protocol):
         if not self._busy:  # nothing was asked: the upstream is not speaking HTTP to us
             self.close()
             return
+        if not self.status:  # heads are unfinished: this read holds more of them, and maybe more than them
+            self._head_read += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -312,11 +317,10 @@ class _Connection(asyncio.Protocol):
                 self._fail(UpstreamError(f"the answer is not valid HTTP: {exc}"))
             self.close()
             return
-        if self._busy and not self.status:  # the answer's head is unfinished: all read so far is heads
-            self._head_read += len(data)
-            if self._head_read > MAX_HEAD_BYTES:  # before httptools holds more of one unfinished field
-                self._fail(UpstreamError(_HEAD_TOO_LARGE))
-                self.close()
+        # Still unfinished, all that was read is heads: refused here, before httptools holds more of a field.
+        if self._busy and not self.status and self._head_read > MAX_HEAD_BYTES:
+            self._fail(UpstreamError(_HEAD_TOO_LARGE))
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
@@ -337,9 +341,6 @@ class _Connection(asyncio.Protocol):
             raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_parsed += len(name) + len(value) + 3  # at least "name:value\r\n": never more than was read
-        if self._head_parsed > MAX_HEAD_BYTES:
-            self._refuse(UpstreamError(_HEAD_TOO_LARGE))
         self.headers.append((name, value))
         if len(name) == 14 and name.lower() == b"content-length":
             self.content_length = int(value)
@@ -347,6 +348,10 @@ class _Connection(asyncio.Protocol):
             self._chunked = True
 
     def on_headers_complete(self) -> None:
+        # Past the bound, the reads held more than heads (a body, or the next head): this head is measured
+        # itself, each header line as at least "name:value\r\n" and the status line left out, never more than read.
+        if self._head_read > MAX_HEAD_BYTES and _header_lines(self.headers) > MAX_HEAD_BYTES:
+            self._refuse(UpstreamError(_HEAD_TOO_LARGE))
         status = self._parser.get_status_code()
         if status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
             if status == 101:  # what follows would be another protocol, to be relayed blind
