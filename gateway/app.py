@@ -194,9 +194,9 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         except RedisError as exc:
             breaker.failed()
             services.metrics.redis_errors.labels("readyz").inc()
-            return JSONResponse(
-                {"status": "unavailable", "redis": str(exc), "config_version": version}, status_code=503
-            )
+            # The kind of failure only: its text names Redis's address, which the public port must not tell.
+            body = {"status": "unavailable", "redis": type(exc).__name__, "config_version": version}
+            return JSONResponse(body, status_code=503)
         breaker.succeeded()  # a probe like any other: with no traffic, readiness checks close the breaker
         # The worker's pid tells ops (and tests) which of several uvicorn workers answered.
         return JSONResponse({"status": "ready", "config_version": version, "worker": os.getpid()})

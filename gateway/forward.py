@@ -48,8 +48,15 @@ _OVERLOADED = 503
 def upstream_headers(
     client_headers: Mapping[str, str], extra: Mapping[str, str], *, drop: tuple[str, ...] = ()
 ) -> list[tuple[str, str]]:
-    """The client's headers less hop-by-hop, credentials, internal ones, `drop` and those in `extra`; then `extra`."""
+    """The client's headers less hop-by-hop, credentials, internal ones, `drop` and those in `extra`; then `extra`.
+
+    `client_headers` has lower-case names. Hop-by-hop also are the fields the client's `Connection` names
+    (RFC 9110 §7.6.1): meant for the gateway alone, never for the upstream.
+    """
     dropped = _dropped(drop, tuple(extra))
+    connection = client_headers.get("connection")
+    if connection is not None:
+        dropped = dropped | _connection_options(connection)
     kept = [
         (name, value)
         for name, value in client_headers.items()
@@ -62,6 +69,12 @@ def upstream_headers(
 def _dropped(drop: tuple[str, ...], replaced: tuple[str, ...]) -> frozenset[str]:
     """The lower-case names never forwarded from the client: worked out once, not per request."""
     return frozenset(name.lower() for name in drop + replaced) | {"authorization"} | _HOP_BY_HOP
+
+
+@functools.lru_cache(maxsize=64)
+def _connection_options(connection: str) -> frozenset[str]:
+    """The lower-case field names a `Connection` value lists (`keep-alive`, `close` and the rest alike)."""
+    return frozenset(option.strip().lower() for option in connection.split(","))
 
 
 def client_headers(upstream: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import sys
 import time
 from typing import Any, Protocol, TextIO
@@ -53,15 +54,45 @@ class JsonFormatter(FieldsFormatter):
 
 
 class TextFormatter(FieldsFormatter):
-    """`ts LEVEL message key=value ...`, for a person reading a terminal."""
+    """`ts LEVEL message key=value ...`, for a person reading a terminal.
+
+    What a client sent (a path, a prompt) cannot start a line of its own nor pose as another field: control
+    characters are written as escapes, and a value with a space, `"`, `=` or `\\` is quoted.
+    """
 
     def line(
         self, created: float, level: str, logger: str, message: str, fields: dict[str, Any], error: str | None = None
     ) -> str:
-        shown = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-        text = f"{_timestamp(created)} {level:<7} {message}"
+        shown = " ".join(f"{k}={_field(v)}" for k, v in fields.items() if v is not None)
+        text = f"{_timestamp(created)} {level:<7} {_escaped(message)}"
         text = f"{text}  {shown}" if shown else text
         return f"{text}\n{error}" if error is not None else text
+
+
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators: each could end or rewrite a line.
+# A backslash is escaped too, so that an escape in the log always stands for what was sent.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+_QUOTED = re.compile(r'[\x00-\x1f\x7f-\x9f\u2028\u2029\\"]')  # what a quoted value escapes
+_NEEDS_QUOTES = re.compile(r'[\s"=\\\x00-\x1f\x7f-\x9f\u2028\u2029]')
+_SHORT_ESCAPES = {"\n": r"\n", "\r": r"\r", "\t": r"\t", "\\": "\\\\", '"': r"\""}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _SHORT_ESCAPES.get(char) or (f"\\x{ord(char):02x}" if ord(char) <= 0xFF else f"\\u{ord(char):04x}")
+
+
+def _escaped(text: str) -> str:
+    """`text` with every control character and backslash written as an escape."""
+    return _CONTROL.sub(_escape, text)
+
+
+def _field(value: object) -> str:
+    """A field's value as the text format shows it: bare if it is one plain word, else quoted and escaped."""
+    text = str(value)
+    if text and not _NEEDS_QUOTES.search(text):
+        return text
+    return '"' + _QUOTED.sub(_escape, text) + '"'
 
 
 class LateLine(Protocol):
