@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import re
-
+from gateway import idempotency
 from gateway.config import Plan
 from gateway.errors import ApiError, BadRequest, QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.headers import rate_limit_headers, retry_after
@@ -11,26 +10,30 @@ from gateway.identity import Identity
 from gateway.storefailure import StoreGuard
 from limits import Bucket, Decision, LimitsError
 
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
-
 
 async def admit(
-    store: StoreGuard, identity: Identity, plan: Plan, cost: int, *, idempotency_key: str | None = None
+    store: StoreGuard, identity: Identity, plan: Plan, cost: int, *, key: idempotency.RequestKey | None = None
 ) -> Decision | None:
     """The admitting decision, or None if Redis could not decide and the plan fails open.
 
-    Raises the ApiError to answer when the request is refused.
+    Raises the ApiError to answer when the request is refused, and idempotency.Replayed when the answer
+    kept for its Idempotency-Key is the answer (nothing charged).
     """
-    if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
-        raise BadRequest("`Idempotency-Key` must be 1 to 128 printable ASCII characters.")
     try:
-        decision = await store.decide(identity.account, plan, cost, idempotency_key=idempotency_key)
+        if key is None:
+            decision = await store.decide(identity.account, plan, cost)
+        else:
+            decision = await store.decide(
+                identity.account, plan, cost, idempotency_key=key.key, fingerprint=key.fingerprint
+            )
     except LimitsError as exc:  # the clocks of Redis and this replica disagree by over a day
         raise ServiceUnavailable(
             "The quota service is unavailable; retry shortly.", headers={"Retry-After": "1"}
         ) from exc
+    if decision is not None and decision.kept_answer is not None:
+        raise idempotency.Replayed(decision.kept_answer)
     if decision is not None and not decision.allowed:
-        raise refusal(plan, decision)
+        raise idempotency.refusal(decision) or refusal(plan, decision)
     return decision
 
 

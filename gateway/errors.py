@@ -8,6 +8,10 @@ ApiError                     an answer to the client, with an OpenAI-shaped JSON
  ├── Forbidden               403 permission_error: the account's plan is not configured
  ├── NotFound                404 not_found: no route for the path
  ├── PayloadTooLarge         413 invalid_request_error: body over the configured size
+ ├── IdempotencyKeyInFlight  409 idempotency_key_in_flight: the key's first request has not ended
+ ├── IdempotencyKeyReused    422 idempotency_key_reused: the key was used for another request
+ │    ├── IdempotencyAnswerNotKept  422 idempotency_answer_not_kept: served, but its answer was not kept
+ │    └── IdempotencyAnswerExpired  422 idempotency_answer_expired: served, and its kept answer has expired
  ├── QuotaExceeded           429 insufficient_quota: a daily quota is spent
  ├── RateLimited             429 rate_limit_exceeded: a token bucket is empty
  ├── BadGateway              502 upstream_error: the backend failed or could not be reached
@@ -67,6 +71,22 @@ class NotFound(ApiError):
 
 class PayloadTooLarge(ApiError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class IdempotencyKeyInFlight(ApiError):
+    status, type, code = 409, "invalid_request_error", "idempotency_key_in_flight"
+
+
+class IdempotencyKeyReused(ApiError):
+    status, type, code = 422, "invalid_request_error", "idempotency_key_reused"
+
+
+class IdempotencyAnswerNotKept(IdempotencyKeyReused):
+    code = "idempotency_answer_not_kept"
+
+
+class IdempotencyAnswerExpired(IdempotencyKeyReused):
+    code = "idempotency_answer_expired"
 
 
 class QuotaExceeded(ApiError):

@@ -30,6 +30,8 @@ OUTCOMES = (
     "store_unavailable",
     "upstream_error",
     "refunded",
+    "replayed",
+    "idempotency_refused",
     "client_gone",
 )
 # Requests refused before their plan is known are counted under this plan label.
@@ -38,7 +40,7 @@ NO_PLAN_OUTCOMES = ("unauthorized", "store_unavailable", "shed", "bad_request")
 # What a plan's shadow limits would have decided for a request its enforced limits admitted.
 SHADOW_OUTCOMES = ("allowed", "rate_limited", "quota_exhausted")
 # Where a Redis call failed.
-REDIS_OPERATIONS = ("authenticate", "decide", "refund", "readyz", "reload")
+REDIS_OPERATIONS = ("authenticate", "decide", "refund", "keep_answer", "readyz", "reload")
 RELOAD_RESULTS = ("success", "failure")
 # What `on_store_failure` did with a request while Redis could not decide it.
 STORE_FAILURE_ACTIONS = ("allowed", "denied")

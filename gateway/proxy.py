@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from gateway import idempotency
 from gateway.admission import admit
 from gateway.caller import identify
 from gateway.config import Plan, Route
@@ -95,7 +97,9 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
         if plan is None:
             raise Forbidden(f"This account's plan {identity.plan!r} is not offered; contact support.")
         plan_label = record.plan = plan.name
-        exhausted = services.refusals.answer(identity.account, plan) if route.cost != 0 else None
+        key = idempotency.key_of(request.headers)
+        # A request with a key may be owed the answer kept for it, which the cached refusal knows nothing of.
+        exhausted = services.refusals.answer(identity.account, plan) if route.cost != 0 and key is None else None
         if exhausted is not None:  # its quota is spent until the day ends: refused first, before its body is read
             record.outcome, record.status = "quota_exhausted", exhausted.status
             services.metrics.requests.labels(plan.name, route.path, "quota_exhausted").inc()
@@ -109,16 +113,21 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
             if services.settings.log_prompts:
                 record.prompt = prompt_of(body)
             record.cost = cost = request_cost(route, body)
-            idempotency_key = request.headers.get("idempotency-key")
+            bound = None if key is None else idempotency.bind(key, request.scope, body)
             started = time.perf_counter()
             try:
-                decision = await admit(services.store, identity, plan, cost, idempotency_key=idempotency_key)
+                decision = await admit(services.store, identity, plan, cost, key=bound)
             finally:  # refusals are decisions too
                 record.decision_ms = since_ms(started)
                 services.metrics.decision_seconds.observe(record.decision_ms / 1000)
         except BaseException:  # refused, or gone: its place goes to the next request
             slot.release()
             raise
+    except idempotency.Replayed as replayed:  # the answer kept for its key, sent again: nothing charged
+        record.outcome = "replayed"
+        services.metrics.requests.labels(plan_label, route.path, "replayed").inc()
+        record.status = await idempotency.replay(replayed.answer, {"X-Request-Id": record.request_id}, send)
+        return
     except ApiError as exc:
         record.outcome = _outcome(exc)
         services.metrics.requests.labels(plan_label, route.path, record.outcome).inc()
@@ -134,6 +143,10 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
 
     services.metrics.upstream_in_flight.labels(route.upstream).set(services.shedder.in_flight(route.upstream))
     charge = Charge(services, route.path, identity, plan, decision, record, slot)
+    capture = None
+    if decision is not None and decision.claim is not None:  # it claimed its key: its answer is kept for replays
+        keep = partial(services.store.keep_answer, identity.account, decision)
+        send = capture = idempotency.AnswerCapture(send, services.settings.idempotency_answer_bytes, keep)
     outcome = "client_gone"
     try:
         async with CancelOnDisconnect(request.receive) as watch:
@@ -142,6 +155,8 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
             record.status = CLIENT_CLOSED
     finally:  # cancelled (the server stops) or failed: refunded as if the client had gone
         await charge.end(outcome, refund=outcome != "allowed")
+        if capture is not None:  # after any refund, which frees the key: a refunded answer is never kept
+            await capture.finish()
 
 
 async def _forward(
@@ -250,6 +265,8 @@ def _outcome(exc: ApiError) -> str:
             return "quota_exhausted"
         case RateLimited():
             return "rate_limited"
+        case _ if isinstance(exc, idempotency.REFUSED):
+            return "idempotency_refused"
         case Unauthorized() | Forbidden():
             return "unauthorized"
         case ServiceUnavailable():

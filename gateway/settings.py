@@ -28,6 +28,7 @@ class Settings:
     key_secret: bytes
     upstreams: Mapping[str, tuple[str, ...]]
     max_body_bytes: int = 1 << 20
+    idempotency_answer_bytes: int = 1 << 20  # answers bigger than this are not kept for Idempotency-Key replays
     redis_timeout: float = 0.5
     upstream_connect_timeout: float = 2.0
     upstream_read_timeout: float = 300.0
@@ -49,6 +50,11 @@ class Settings:
         if self.log_format not in LOG_FORMATS:
             choices = ", ".join(LOG_FORMATS)
             raise ConfigError(f"QUOTAGATE_LOG_FORMAT: expected one of {choices}, got {self.log_format!r}")
+        if not 0 <= self.idempotency_answer_bytes <= 64 << 20:
+            raise ConfigError(
+                "QUOTAGATE_IDEMPOTENCY_ANSWER_BYTES: expected bytes from 0 (keep no answer) to 67108864, "
+                f"got {self.idempotency_answer_bytes!r}"
+            )
         if not 0 <= self.log_flush <= 10:
             raise ConfigError(f"QUOTAGATE_LOG_FLUSH: expected seconds from 0 to 10, got {self.log_flush!r}")
         for name, urls in self.upstreams.items():
@@ -87,6 +93,7 @@ class Settings:
             key_secret=need("QUOTAGATE_KEY_SECRET").encode(),
             upstreams=parse_upstreams(environ.get("QUOTAGATE_UPSTREAMS", "")),
             max_body_bytes=int(number("QUOTAGATE_MAX_BODY_BYTES", 1 << 20)),
+            idempotency_answer_bytes=int(number("QUOTAGATE_IDEMPOTENCY_ANSWER_BYTES", 1 << 20)),
             redis_timeout=number("QUOTAGATE_REDIS_TIMEOUT", 0.5),
             upstream_connect_timeout=number("QUOTAGATE_UPSTREAM_CONNECT_TIMEOUT", 2.0),
             upstream_read_timeout=number("QUOTAGATE_UPSTREAM_READ_TIMEOUT", 300.0),

@@ -121,7 +121,7 @@ class StoreGuard:
         self._budget = budget
 
     async def decide(
-        self, account: str, plan: Plan, cost: int, *, idempotency_key: str | None = None
+        self, account: str, plan: Plan, cost: int, *, idempotency_key: str | None = None, fingerprint: str = ""
     ) -> Decision | None:
         """The engine's decision; None if Redis could not decide and the plan admits without it.
 
@@ -130,7 +130,9 @@ class StoreGuard:
         """
         if self.breaker.allow():
             try:
-                decision = await self._engine.decide(account, plan.limits, cost, idempotency_key=idempotency_key)
+                decision = await self._engine.decide(
+                    account, plan.limits, cost, idempotency_key=idempotency_key, fingerprint=fingerprint
+                )
             except StoreUnavailable as exc:
                 self.breaker.failed()
                 self._metrics.redis_errors.labels("decide").inc()
@@ -174,6 +176,24 @@ class StoreGuard:
             return False
         self.breaker.succeeded()
         return True
+
+    async def keep_answer(self, account: str, decision: Decision, answer: bytes | None) -> bool:
+        """End the idempotency key `decision` claimed, keeping `answer`; False if nothing was written.
+
+        Unwritten (Redis unreachable), the key stays in flight until its lease ends, then is free again.
+        """
+        if not self.breaker.allow():
+            self._metrics.redis_errors.labels("keep_answer").inc()
+            return False
+        try:
+            kept = await self._engine.keep_answer(account, decision, answer)
+        except LimitsError as exc:
+            if isinstance(exc, StoreUnavailable):
+                self.breaker.failed()
+            self._metrics.redis_errors.labels("keep_answer").inc()
+            return False
+        self.breaker.succeeded()
+        return kept
 
     def _without_store(self, plan: Plan, cost: int, cause: StoreUnavailable | None) -> None:
         """Admit within the plan's local budget if it fails open, else raise ServiceUnavailable."""
