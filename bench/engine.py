@@ -91,7 +91,8 @@ async def captured_decide(admin: Redis, url: str) -> list[bytes]:
     await admin.slowlog_reset()
     client = connect(url, timeout=BENCH_TIMEOUT)
     try:
-        await Engine(client).decide("bench-0", PRO, 1)
+        async with Engine(client) as engine:
+            await engine.decide("bench-0", PRO, 1)
     finally:
         await client.aclose()
     entries = await admin.execute_command("SLOWLOG", "GET", 100)
@@ -219,8 +220,8 @@ async def bench(server: RedisServer, pinning: str) -> dict[str, Any]:
         results["ceiling"] = ceiling
 
         client = connect(url, timeout=BENCH_TIMEOUT)
+        engine = Engine(client)
         try:
-            engine = Engine(client)
             await engine.decide("warm-up", PRO, 1)
             accounts = [f"bench-{i % ACCOUNTS}" for i in range(DECISIONS)]
             results["engine"], results["raw_evalsha"] = {}, {}
@@ -238,9 +239,8 @@ async def bench(server: RedisServer, pinning: str) -> dict[str, Any]:
             results["near_cache"] = {}
             for label, near_cache in (("off", None), ("on", DenialCache())):
                 await admin.flushall()
-                results["near_cache"][label] = await measure(
-                    admin, partial(exhausted_run, Engine(client, near_cache=near_cache), DECISIONS, 64)
-                )
+                async with Engine(client, near_cache=near_cache) as cached:
+                    results["near_cache"][label] = await measure(admin, partial(exhausted_run, cached, DECISIONS, 64))
 
             await admin.flushall()
             before = int((await admin.info("memory"))["used_memory"])
@@ -265,6 +265,7 @@ async def bench(server: RedisServer, pinning: str) -> dict[str, Any]:
                 "decisions_per_s": run["per_s"],
             }
         finally:
+            await engine.aclose()
             await client.aclose()
     finally:
         await admin.aclose()

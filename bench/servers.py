@@ -27,6 +27,7 @@ from starlette.routing import Route
 from gateway.settings import Settings
 from gateway.upstream_client import UPSTREAM_KEEPALIVE_S, Origin, UpstreamClient
 from limits.coalesce import Coalescer, Script
+from limits.endpoint import Endpoint
 from limits.store import connect
 
 ANSWER = {"created": 0, "data": [{"b64_json": "aW1hZ2U="}]}
@@ -119,9 +120,10 @@ def round_trip_passthrough_app() -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         redis = connect(os.environ["BENCH_REDIS"])
-        app.state.redis = Coalescer(redis)
+        app.state.redis = Coalescer(Endpoint.of(redis))
         async with passthrough.router.lifespan_context(app):
             yield
+        await app.state.redis.aclose()
         await redis.aclose()
 
     async def decide_then_forward(request: Request) -> Response:

@@ -82,10 +82,12 @@ def create_admin_app(settings: Settings, token: bytes) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         redis = connect(settings.redis_url, timeout=max(settings.redis_timeout, 2.0))
-        app.state.accounts = Accounts(Engine(redis), KeyStore(redis, settings.key_secret), config)
+        engine = Engine(redis)
+        app.state.accounts = Accounts(engine, KeyStore(redis, settings.key_secret), config)
         try:
             yield
         finally:
+            await engine.aclose()
             await redis.aclose()
 
     def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:

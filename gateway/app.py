@@ -175,6 +175,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
                 follower.cancel()
                 await asyncio.wait([follower])
             await upstream_client.close()
+            await engine.aclose()
             await redis.aclose()
             worker_exited()
             flush_logs()

@@ -145,7 +145,8 @@ def _account_command(args: argparse.Namespace, action: Callable[[Accounts], Awai
     async def run() -> dict[str, Any]:
         redis = connect(redis_url, timeout=5.0)
         try:
-            return await action(Accounts(Engine(redis), KeyStore(redis, secret), lambda: config))
+            async with Engine(redis) as engine:
+                return await action(Accounts(engine, KeyStore(redis, secret), lambda: config))
         finally:
             await redis.aclose()
 

@@ -65,10 +65,12 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not answer within {timeout:.0f}s; see {self.data_dir / 'redis.log'}")
 
     def ping(self) -> bool:
-        """True if the server answers."""
+        """True if the server answers (asking for a password is an answer too)."""
         try:
             with redis.Redis.from_url(self.url, socket_timeout=0.2, socket_connect_timeout=0.2) as client:
                 return bool(client.ping())
+        except redis.AuthenticationError:
+            return True
         except (redis.RedisError, OSError):
             return False
 

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError, ResponseError
 from limits.calendar import day_starts
 from limits.coalesce import Coalescer, Script
 from limits.decision import Decision, KeyState, LimitState
+from limits.endpoint import Endpoint
 from limits.errors import ClockSkew, StoreUnavailable
 from limits.idempotency import KeyLifetimes
 from limits.keys import counter_key, idempotency_answer, idempotency_record
@@ -30,8 +31,9 @@ def _script(name: str) -> Script:
 class Engine:
     """Charges, refunds and reads the limits of accounts; all time comes from Redis unless `now` is given.
 
-    Calls on a single Redis are coalesced per event-loop turn; a cluster client sends each alone.
-    `near_cache` answers exhausted accounts locally until their day ends.
+    Calls on a single Redis are coalesced per event-loop turn on the engine's own connection to the
+    server `redis` talks to; a cluster client sends each alone. `near_cache` answers exhausted
+    accounts locally until their day ends. Close the engine (`aclose`, or `async with`) before its loop ends.
     """
 
     def __init__(
@@ -44,11 +46,22 @@ class Engine:
     ) -> None:
         self._redis = redis
         self._clock = clock  # this process's clock: it only picks which day starts to send
-        self._coalescer = Coalescer(redis) if isinstance(redis, Redis) else None
+        self._coalescer = Coalescer(Endpoint.of(redis)) if isinstance(redis, Redis) else None
         self._key_lifetimes = key_lifetimes or KeyLifetimes()
         self._scripts = {name: _script(name) for name in ("decide", "refund", "grant", "keep")}
         self._registered = {name: redis.register_script(s.source) for name, s in self._scripts.items()}
         self.near_cache = near_cache
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the engine's own connection (the client it was given is the caller's to close)."""
+        if self._coalescer is not None:
+            await self._coalescer.aclose()
 
     async def decide(
         self,

@@ -5,14 +5,16 @@ If redis-server cannot be started the tests that need it fail: they never skip.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from redis.asyncio import Redis
 
 from gateway.embedded_redis import RedisServer
+from limits import Engine
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +48,20 @@ async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+MakeEngine = Callable[..., Engine]
+
+
+@pytest.fixture
+async def make_engine() -> AsyncIterator[MakeEngine]:
+    """Builds engines as `Engine(...)` does, and closes each when the test ends."""
+    made: list[Engine] = []
+
+    def make(*args: Any, **kwargs: Any) -> Engine:
+        made.append(Engine(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        await engine.aclose()

@@ -47,7 +47,8 @@ async def accounts(redis_client: Redis) -> dict[str, str]:
 
 async def _spend(redis_client: Redis, account: str, images: int) -> None:
     """Charge `images` against the free plan as the gateway would."""
-    assert (await Engine(redis_client).decide(account, FREE, images)).allowed
+    async with Engine(redis_client) as engine:
+        assert (await engine.decide(account, FREE, images)).allowed
 
 
 def _daily(usage: dict[str, object]) -> dict[str, object]:

@@ -16,7 +16,8 @@ from gateway.app import create_app
 from gateway.config import Config
 from gateway.headers import DAILY_RESET_SPREAD_S, duration, retry_after
 from gateway.identity import KeyStore
-from limits import Bucket, DailyQuota, Engine, LimitSet
+from limits import Bucket, DailyQuota, LimitSet
+from tests.conftest import MakeEngine
 
 from .conftest import SECRET, StubUpstream, settings_for
 
@@ -34,12 +35,14 @@ def test_durations_read_like_openais_and_never_understate(seconds: float, text: 
     assert duration(seconds) == text
 
 
-async def test_retry_after_a_daily_refusal_is_spread_past_the_reset_never_before(redis_client: Redis) -> None:
+async def test_retry_after_a_daily_refusal_is_spread_past_the_reset_never_before(
+    redis_client: Redis, make_engine: MakeEngine
+) -> None:
     limits = LimitSet(
         buckets=(Bucket(name="b", counter="b", rate=60, period=60, burst=10),),
         quotas=(DailyQuota(name="d", counter="d", limit=1, timezone=ZoneInfo("UTC")),),
     )
-    engine = Engine(redis_client)
+    engine = make_engine(redis_client)
     await engine.decide("ann", limits, 1, now=NOON)
     refused = await engine.decide("ann", limits, 1, now=NOON)
     assert not refused.allowed and refused.retry_after == 12 * 3600
@@ -49,9 +52,9 @@ async def test_retry_after_a_daily_refusal_is_spread_past_the_reset_never_before
     assert len(set(waits)) > 100  # spread, not one instant
 
 
-async def test_retry_after_a_bucket_refusal_is_exact(redis_client: Redis) -> None:
+async def test_retry_after_a_bucket_refusal_is_exact(redis_client: Redis, make_engine: MakeEngine) -> None:
     limits = LimitSet(buckets=(Bucket(name="b", counter="b", rate=1, period=10, burst=1),))
-    engine = Engine(redis_client)
+    engine = make_engine(redis_client)
     await engine.decide("ann", limits, 1, now=NOON)
     refused = await engine.decide("ann", limits, 1, now=NOON)
     assert {retry_after(refused, random.Random(s))["Retry-After"] for s in range(20)} == {"10"}

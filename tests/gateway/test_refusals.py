@@ -13,8 +13,8 @@ from gateway.app import create_app
 from gateway.config import Config
 from gateway.identity import KeyStore
 from gateway.refusals import Refusals
-from limits import Engine
 from limits.nearcache import REFRESH_S, DenialCache
+from tests.conftest import MakeEngine
 
 from .conftest import SECRET, StubUpstream, settings_for
 
@@ -47,10 +47,16 @@ async def test_an_exhausted_account_is_refused_before_its_body_is_read(
     assert registry.get_sample_value("quotagate_requests_total", labels) == 3
 
 
-async def test_a_refusal_is_rendered_once_per_cached_refusal(redis_client: Redis, config: Config) -> None:
+async def test_a_refusal_is_rendered_once_per_cached_refusal(
+    redis_client: Redis, config: Config, make_engine: MakeEngine
+) -> None:
     now = [NOON]
     near_cache = DenialCache(clock=lambda: now[0])
-    engine, refusals, plan = Engine(redis_client, near_cache=near_cache), Refusals(near_cache), config.plans["free"]
+    engine, refusals, plan = (
+        make_engine(redis_client, near_cache=near_cache),
+        Refusals(near_cache),
+        config.plans["free"],
+    )
     assert refusals.answer("ann", plan) is None  # nothing known: the request goes on to Redis
     await engine.decide("ann", plan.limits, 3, now=NOON)
     assert not (await engine.decide("ann", plan.limits, 1, now=NOON)).allowed

@@ -23,7 +23,8 @@ from gateway.errors import ConfigError, ServiceUnavailable, Unauthorized
 from gateway.identity import KeyStore
 from gateway.metrics import GatewayMetrics
 from gateway.storefailure import CircuitBreaker, LocalBudget, StoreGuard
-from limits import Bucket, Engine
+from limits import Bucket
+from tests.conftest import MakeEngine
 from tests.ports import free_port
 
 from .conftest import QUOTAS, SECRET, StubUpstream
@@ -118,12 +119,14 @@ async def test_while_redis_is_away_a_replica_knows_the_identities_it_saw_until_t
         await store.authenticate(key)
 
 
-async def test_with_the_breaker_open_nothing_waits_on_redis_and_refunds_are_given_up(redis_client: Redis) -> None:
+async def test_with_the_breaker_open_nothing_waits_on_redis_and_refunds_are_given_up(
+    redis_client: Redis, make_engine: MakeEngine
+) -> None:
     clock, registry = Clock(), CollectorRegistry()
     config = parse_config(PRO_OPEN, source="q.yaml")
     metrics = GatewayMetrics(registry)
     breaker = CircuitBreaker(failures=1, open_for=2.0, clock=clock)
-    guard = StoreGuard(Engine(redis_client), metrics, breaker, LocalBudget(clock=clock))
+    guard = StoreGuard(make_engine(redis_client), metrics, breaker, LocalBudget(clock=clock))
     admitted = await guard.decide("ann", config.plans["free"], 1)
     assert admitted is not None and admitted.allowed
     breaker.failed()
@@ -135,7 +138,7 @@ async def test_with_the_breaker_open_nothing_waits_on_redis_and_refunds_are_give
     assert await guard.decide("ann", config.plans["pro"], 1) is None  # admitted without Redis
     assert await guard.refund("ann", config.plans["free"], admitted) is False
     assert registry.get_sample_value("quotagate_redis_errors_total", {"operation": "refund"}) == 1
-    assert (await Engine(redis_client).peek("ann", config.plans["free"].limits)).states[1].remaining == 99
+    assert (await make_engine(redis_client).peek("ann", config.plans["free"].limits)).states[1].remaining == 99
 
 
 def test_on_store_failure_in_the_quota_file() -> None:

@@ -16,7 +16,7 @@ from gateway.config import Config
 from gateway.errors import ConfigError, RateLimited
 from gateway.identity import KeyStore
 from gateway.peers import TrustedProxies, parse_networks
-from limits import Engine
+from tests.conftest import MakeEngine
 
 from .conftest import SECRET, StubUpstream, settings_for
 
@@ -118,9 +118,11 @@ async def test_an_address_that_keeps_failing_is_refused_on_every_replica_but_its
         assert neighbour.post(PATH, json={"prompt": "x"}, headers={"Authorization": f"Bearer {key}"}).status_code == 200
 
 
-async def test_a_blocked_address_is_let_in_again_once_its_bucket_refills(redis_client: Redis) -> None:
+async def test_a_blocked_address_is_let_in_again_once_its_bucket_refills(
+    redis_client: Redis, make_engine: MakeEngine
+) -> None:
     clock = [100.0]
-    guard = FailedAuthGuard(Engine(redis_client), 2, clock=lambda: clock[0])
+    guard = FailedAuthGuard(make_engine(redis_client), 2, clock=lambda: clock[0])
     now = 1_800_000_000.0
     assert await guard.failed("192.0.2.7", now=now) is None
     assert await guard.failed("192.0.2.7", now=now) is None

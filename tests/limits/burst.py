@@ -43,6 +43,8 @@ async def burst(url: str, account: str, decisions: int, clients: int) -> list[De
             await client.initialize()
         engines = [Engine(client) for client in redis_clients]
         outcomes = await asyncio.gather(*(engines[i % clients].decide(account, FREE, 1) for i in range(decisions)))
+        for engine in engines:
+            await engine.aclose()
     finally:
         for client in redis_clients:
             await client.aclose()

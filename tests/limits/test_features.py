@@ -11,9 +11,9 @@ from zoneinfo import ZoneInfo
 import pytest
 from redis.asyncio import Redis
 
-from limits import Bucket, DailyQuota, Engine, LimitSet
-from limits.coalesce import Coalescer
+from limits import Bucket, DailyQuota, LimitSet, coalesce
 from limits.nearcache import DenialCache
+from tests.conftest import MakeEngine
 
 pytestmark = pytest.mark.anyio
 
@@ -29,8 +29,10 @@ def plan(daily: int | None = 3, timezone: ZoneInfo = UTC) -> LimitSet:
     )
 
 
-async def test_a_refund_is_given_once_and_frees_the_idempotency_key(redis_client: Redis) -> None:
-    engine, limits = Engine(redis_client), plan()
+async def test_a_refund_is_given_once_and_frees_the_idempotency_key(
+    redis_client: Redis, make_engine: MakeEngine
+) -> None:
+    engine, limits = make_engine(redis_client), plan()
     decision = await engine.decide("ann", limits, 2, now=NOON, idempotency_key="req-1")
     await engine.refund("ann", limits, decision, now=NOON)
     await engine.refund("ann", limits, decision, now=NOON)  # a second refund gives nothing back
@@ -40,16 +42,16 @@ async def test_a_refund_is_given_once_and_frees_the_idempotency_key(redis_client
     assert retried.allowed and not retried.replayed and retried.states[1].remaining == 0
 
 
-async def test_a_replayed_decision_is_never_refunded(redis_client: Redis) -> None:
-    engine, limits = Engine(redis_client), plan()
+async def test_a_replayed_decision_is_never_refunded(redis_client: Redis, make_engine: MakeEngine) -> None:
+    engine, limits = make_engine(redis_client), plan()
     await engine.decide("ann", limits, 1, now=NOON, idempotency_key="k")
     replay = await engine.decide("ann", limits, 1, now=NOON, idempotency_key="k")
     await engine.refund("ann", limits, replay, now=NOON)
     assert (await engine.peek("ann", limits, now=NOON)).states[1].remaining == 2
 
 
-async def test_grants_add_images_for_today_only(redis_client: Redis) -> None:
-    engine, limits = Engine(redis_client), plan()
+async def test_grants_add_images_for_today_only(redis_client: Redis, make_engine: MakeEngine) -> None:
+    engine, limits = make_engine(redis_client), plan()
     for i in range(3):
         assert (await engine.decide("bo", limits, 1, now=NOON + i)).allowed
     assert not (await engine.decide("bo", limits, 1, now=NOON + 3)).allowed
@@ -59,16 +61,18 @@ async def test_grants_add_images_for_today_only(redis_client: Redis) -> None:
     assert tomorrow.states[1].remaining == 3
 
 
-async def test_reset_forgets_the_day(redis_client: Redis) -> None:
-    engine, limits = Engine(redis_client), plan()
+async def test_reset_forgets_the_day(redis_client: Redis, make_engine: MakeEngine) -> None:
+    engine, limits = make_engine(redis_client), plan()
     await engine.decide("cy", limits, 3, now=NOON)
     await engine.reset("cy", limits)
     assert [s.remaining for s in (await engine.peek("cy", limits, now=NOON)).states] == [10, 3]
 
 
-async def test_near_cache_answers_an_exhausted_account_without_redis(redis_client: Redis) -> None:
+async def test_near_cache_answers_an_exhausted_account_without_redis(
+    redis_client: Redis, make_engine: MakeEngine
+) -> None:
     cache = DenialCache(clock=lambda: NOON)
-    engine, limits = Engine(redis_client, near_cache=cache), plan()
+    engine, limits = make_engine(redis_client, near_cache=cache), plan()
     await engine.decide("dee", limits, 3, now=NOON)
     refused = await engine.decide("dee", limits, 1, now=NOON)
     assert not refused.allowed and not refused.cached
@@ -79,9 +83,11 @@ async def test_near_cache_answers_an_exhausted_account_without_redis(redis_clien
     assert (await engine.decide("dee", limits, 1, now=NOON + 12 * 3600)).allowed  # past T: Redis again
 
 
-async def test_near_cache_entries_stay_out_of_the_garbage_collectors_scans(redis_client: Redis) -> None:
+async def test_near_cache_entries_stay_out_of_the_garbage_collectors_scans(
+    redis_client: Redis, make_engine: MakeEngine
+) -> None:
     cache = DenialCache(clock=lambda: NOON)
-    engine, limits = Engine(redis_client), plan()
+    engine, limits = make_engine(redis_client), plan()
     await engine.decide("gil", limits, 3, now=NOON)
     refused = await engine.decide("gil", limits, 1, now=NOON)
     gc.collect()
@@ -96,9 +102,11 @@ async def test_near_cache_entries_stay_out_of_the_garbage_collectors_scans(redis
     assert served is not None and served.cached and served.retry_after == refused.retry_after
 
 
-async def test_near_cache_ignores_a_bucket_refusal_and_a_changed_limit(redis_client: Redis) -> None:
+async def test_near_cache_ignores_a_bucket_refusal_and_a_changed_limit(
+    redis_client: Redis, make_engine: MakeEngine
+) -> None:
     cache = DenialCache()
-    engine = Engine(redis_client, near_cache=cache)
+    engine = make_engine(redis_client, near_cache=cache)
     tight = LimitSet(
         buckets=(Bucket("r", "rate", rate=1, period=3600, burst=1),),
         quotas=(DailyQuota("d", "daily", limit=3, timezone=UTC),),
@@ -113,10 +121,12 @@ async def test_near_cache_ignores_a_bucket_refusal_and_a_changed_limit(redis_cli
     assert cache.get("fox", plan(daily=5), NOON) is None  # ops raised the quota: ask Redis
 
 
-async def test_grants_on_any_replica_invalidate_every_replicas_near_cache(redis_url: str) -> None:
+async def test_grants_on_any_replica_invalidate_every_replicas_near_cache(
+    redis_url: str, make_engine: MakeEngine
+) -> None:
     clients = [Redis.from_url(redis_url) for _ in range(2)]
     caches = [DenialCache(), DenialCache()]
-    engines = [Engine(c, near_cache=cache) for c, cache in zip(clients, caches, strict=True)]
+    engines = [make_engine(c, near_cache=cache) for c, cache in zip(clients, caches, strict=True)]
     stop = asyncio.Event()
     followers = [asyncio.create_task(cache.follow(c, stop)) for c, cache in zip(clients, caches, strict=True)]
     try:
@@ -150,16 +160,18 @@ async def test_the_invalidation_follower_ends_when_told_even_while_connecting(re
     assert done == {follower}
 
 
-async def test_concurrent_decisions_travel_in_one_write(redis_client: Redis, monkeypatch: Any) -> None:
+async def test_concurrent_decisions_travel_in_one_write(
+    redis_client: Redis, monkeypatch: Any, make_engine: MakeEngine
+) -> None:
     sizes: list[int] = []
-    write = Coalescer._write
+    write = coalesce._Link.write
 
-    def counting(self: Coalescer, calls: list[Any]) -> None:
+    def counting(self: Any, calls: list[Any]) -> None:
         sizes.append(len(calls))
         write(self, calls)
 
-    monkeypatch.setattr(Coalescer, "_write", counting)
-    engine, limits = Engine(redis_client), plan(daily=None)
+    monkeypatch.setattr(coalesce._Link, "write", counting)
+    engine, limits = make_engine(redis_client), plan(daily=None)
     decisions = await asyncio.gather(*(engine.decide(f"u{i}", limits, 1, now=NOON) for i in range(64)))
     assert all(d.allowed for d in decisions)
     assert sizes == [64]
@@ -167,8 +179,8 @@ async def test_concurrent_decisions_travel_in_one_write(redis_client: Redis, mon
     assert sizes == [64, 1]
 
 
-async def test_scripts_are_reloaded_after_redis_forgets_them(redis_client: Redis) -> None:
-    engine, limits = Engine(redis_client), plan()
+async def test_scripts_are_reloaded_after_redis_forgets_them(redis_client: Redis, make_engine: MakeEngine) -> None:
+    engine, limits = make_engine(redis_client), plan()
     assert (await engine.decide("hy", limits, 1, now=NOON)).allowed
     await redis_client.script_flush()
     results = await asyncio.gather(*(engine.decide("hy", limits, 1, now=NOON) for _ in range(3)))
@@ -181,9 +193,9 @@ async def test_scripts_are_reloaded_after_redis_forgets_them(redis_client: Redis
     ids=["spring-forward", "fall-back", "ordinary"],
 )
 async def test_daily_quota_resets_at_local_midnight_on_dst_days(
-    redis_client: Redis, local_day: tuple[int, int, int], hours: int
+    redis_client: Redis, local_day: tuple[int, int, int], hours: int, make_engine: MakeEngine
 ) -> None:
-    engine, limits = Engine(redis_client), plan(timezone=PARIS)
+    engine, limits = make_engine(redis_client), plan(timezone=PARIS)
     midnight = datetime(*local_day, 0, 0, tzinfo=PARIS).timestamp()
     await engine.decide("ida", limits, 3, now=midnight + 1)
     refused = await engine.decide("ida", limits, 1, now=midnight + 1)

@@ -137,7 +137,9 @@ async def _run(redis_url: str, daily: int, sequence: list[tuple[str | None, int,
         charged = forwarded = refunded = 0
         for key, body, end in sequence:
             cost, fingerprint = body + 1, f"body-{body}"
-            decision = await engine.decide(account, limits, cost, now=NOON, idempotency_key=key, fingerprint=fingerprint)
+            decision = await engine.decide(
+                account, limits, cost, now=NOON, idempotency_key=key, fingerprint=fingerprint
+            )
             bound = keys.get(key) if key is not None else None
             if bound is not None:
                 expected = {"open": KeyState.IN_FLIGHT, "kept": KeyState.REPLAYED, "unkept": KeyState.NOT_KEPT}

@@ -61,8 +61,8 @@ def _same(decision: Decision, answer: Answer) -> bool:
 
 async def _run(redis_url: str, limits: LimitSet, ops: list[tuple[str, int]]) -> None:
     client = Redis.from_url(redis_url)
+    engine, model = Engine(client), Model(limits)
     try:
-        engine, model = Engine(client), Model(limits)
         account = f"prop-{next(_accounts)}"
         now = START
         admitted: list[tuple[Decision, list[int]]] = []
@@ -86,6 +86,7 @@ async def _run(redis_url: str, limits: LimitSet, ops: list[tuple[str, int]]) -> 
         final = await engine.peek(account, limits, now=now / 1e6)
         assert _same(final, model.decide(0, now)[0])
     finally:
+        await engine.aclose()
         await client.aclose()
 
 

@@ -8,7 +8,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from redis.asyncio import Redis
 
-from limits import Bucket, DailyQuota, Engine, LimitSet
+from limits import Bucket, DailyQuota, LimitSet
+from tests.conftest import MakeEngine
 
 pytestmark = pytest.mark.anyio
 
@@ -23,8 +24,8 @@ def limits(*, shadow_rate: bool = False, shadow_daily: bool = False) -> LimitSet
     )
 
 
-async def test_a_shadow_quota_reports_refusals_but_admits(redis_client: Redis) -> None:
-    engine, shadowed = Engine(redis_client), limits(shadow_daily=True)
+async def test_a_shadow_quota_reports_refusals_but_admits(redis_client: Redis, make_engine: MakeEngine) -> None:
+    engine, shadowed = make_engine(redis_client), limits(shadow_daily=True)
     first, second = [await engine.decide("ann", shadowed, 1, now=NOON + i) for i in range(2)]
 
     assert first.allowed and first.shadow_refusals == ()
@@ -37,15 +38,19 @@ async def test_a_shadow_quota_reports_refusals_but_admits(redis_client: Redis) -
     assert [s.remaining for s in after.states] == [0, 0]
 
 
-async def test_an_enforced_limit_still_refuses_beside_a_shadow_one(redis_client: Redis) -> None:
-    engine, shadowed = Engine(redis_client), limits(shadow_daily=True)
+async def test_an_enforced_limit_still_refuses_beside_a_shadow_one(
+    redis_client: Redis, make_engine: MakeEngine
+) -> None:
+    engine, shadowed = make_engine(redis_client), limits(shadow_daily=True)
     answers = [await engine.decide("bo", shadowed, 1, now=NOON) for _ in range(3)]
     assert [a.allowed for a in answers] == [True, True, False]
     assert answers[2].denied_by is not None and answers[2].denied_by.limit.name == "free-rate"
 
 
-async def test_a_request_an_enforced_limit_refuses_charges_no_shadow_limit(redis_client: Redis) -> None:
-    engine, shadowed = Engine(redis_client), limits(shadow_rate=True)
+async def test_a_request_an_enforced_limit_refuses_charges_no_shadow_limit(
+    redis_client: Redis, make_engine: MakeEngine
+) -> None:
+    engine, shadowed = make_engine(redis_client), limits(shadow_rate=True)
     assert (await engine.decide("cy", shadowed, 1, now=NOON)).allowed
     tat = await redis_client.get("qg:{cy}:rate")
     refused = await engine.decide("cy", shadowed, 1, now=NOON)  # the enforced quota (1 a day) is spent
@@ -54,8 +59,8 @@ async def test_a_request_an_enforced_limit_refuses_charges_no_shadow_limit(redis
     assert await redis_client.get("qg:{cy}:rate") == tat
 
 
-async def test_a_refund_gives_back_only_what_was_charged(redis_client: Redis) -> None:
-    engine = Engine(redis_client)
+async def test_a_refund_gives_back_only_what_was_charged(redis_client: Redis, make_engine: MakeEngine) -> None:
+    engine = make_engine(redis_client)
     shadowed = LimitSet(
         buckets=(Bucket("free-rate", "rate", rate=60, period=3600, burst=1, shadow=True),),
         quotas=(DailyQuota("free-daily", "daily", limit=5, timezone=UTC),),

@@ -8,7 +8,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from redis.asyncio import Redis
 
-from limits import Bucket, ClockSkew, DailyQuota, Engine, LimitSet
+from limits import Bucket, ClockSkew, DailyQuota, LimitSet
+from tests.conftest import MakeEngine
 
 pytestmark = pytest.mark.anyio
 
@@ -18,9 +19,9 @@ LIMITS = LimitSet(
 )
 
 
-async def test_replicas_hours_apart_share_one_day_and_one_count(redis_client: Redis) -> None:
-    behind = Engine(redis_client, clock=lambda: time.time() - 20 * 3600)
-    ahead = Engine(redis_client, clock=lambda: time.time() + 20 * 3600)
+async def test_replicas_hours_apart_share_one_day_and_one_count(redis_client: Redis, make_engine: MakeEngine) -> None:
+    behind = make_engine(redis_client, clock=lambda: time.time() - 20 * 3600)
+    ahead = make_engine(redis_client, clock=lambda: time.time() + 20 * 3600)
     decisions = [await engine.decide("ann", LIMITS, 1) for engine in (behind, ahead, behind, ahead, behind)]
 
     assert [d.allowed for d in decisions] == [True, True, True, False, False]
@@ -30,8 +31,10 @@ async def test_replicas_hours_apart_share_one_day_and_one_count(redis_client: Re
     assert day_start <= server_seconds < day_start + 86400  # the day that holds Redis's time
 
 
-async def test_a_replica_more_than_a_day_off_is_refused_not_miscounted(redis_client: Redis) -> None:
-    lost = Engine(redis_client, clock=lambda: time.time() - 3 * 86400)
+async def test_a_replica_more_than_a_day_off_is_refused_not_miscounted(
+    redis_client: Redis, make_engine: MakeEngine
+) -> None:
+    lost = make_engine(redis_client, clock=lambda: time.time() - 3 * 86400)
     with pytest.raises(ClockSkew):
         await lost.decide("ann", LIMITS, 1)
     assert await redis_client.exists("qg:{ann}:daily") == 0

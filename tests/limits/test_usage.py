@@ -7,7 +7,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from redis.asyncio import Redis
 
-from limits import Bucket, DailyQuota, Engine, LimitSet
+from limits import Bucket, DailyQuota, LimitSet
+from tests.conftest import MakeEngine
 
 pytestmark = pytest.mark.anyio
 
@@ -22,8 +23,8 @@ def limits(daily: int | None) -> LimitSet:
 
 
 @pytest.mark.parametrize("daily", [10, None])
-async def test_usage_counts_today_only(redis_client: Redis, daily: int | None) -> None:
-    engine = Engine(redis_client)
+async def test_usage_counts_today_only(redis_client: Redis, daily: int | None, make_engine: MakeEngine) -> None:
+    engine = make_engine(redis_client)
     assert (await engine.usage("ann", limits(daily), now=NOON))[1] == {"d": 0}
     await engine.decide("ann", limits(daily), 3, now=NOON)
     await engine.decide("ann", limits(daily), 2, now=NOON + 60)

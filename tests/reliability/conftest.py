@@ -74,7 +74,8 @@ async def images_used(redis_url: str, quotas: Path, account: str, plan: str) -> 
     limits = load_config(quotas).plans[plan].limits
     redis = connect(redis_url)
     try:
-        decision = await Engine(redis).peek(account, limits)
+        async with Engine(redis) as engine:
+            decision = await engine.peek(account, limits)
     finally:
         await redis.aclose()
     (daily,) = (state for state in decision.states if isinstance(state.limit, DailyQuota))
