@@ -72,10 +72,10 @@ class Coalescer:
             raise RedisConnectionError("the engine's redis connection is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        command = _pack(b"EVALSHA", script.sha, len(keys), *keys, *args)
+        command = hiredis.pack_command((b"EVALSHA", script.sha, len(keys), *keys, *args))
         self._queue.append(_Call(script, command, future))
         if len(self._queue) == 1:
-            if self._link is not None and not self._link.awaiting:
+            if self._link is not None and not self._link.sent:
                 # Nothing awaited: no batch is forming behind a reply, so write now rather than at the
                 # turn's end (one loop pass less for a lone request; under load replies are awaited).
                 self._flush()
@@ -86,7 +86,7 @@ class Coalescer:
     @property
     def awaiting(self) -> int:
         """Calls written and not yet answered."""
-        return 0 if self._link is None else self._link.awaiting
+        return 0 if self._link is None else len(self._link.sent)
 
     @property
     def queued(self) -> int:
@@ -138,7 +138,7 @@ class _Link(asyncio.Protocol):
         self._timeout = reply_timeout
         self._on_lost = on_lost
         self._parser = hiredis.Reader(replyError=ResponseError)
-        self._sent: deque[_Call] = deque()  # written, waiting for their replies, oldest first
+        self.sent: deque[_Call] = deque()  # written, waiting for their replies, oldest first
         self._transport: asyncio.Transport | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._error: Exception | None = None  # why the link is down, once it is
@@ -176,10 +176,6 @@ class _Link(asyncio.Protocol):
                 raise
         return link
 
-    @property
-    def awaiting(self) -> int:
-        return len(self._sent)
-
     def write(self, calls: list[_Call]) -> None:
         if self._error is not None or self._transport is None:
             _fail(calls, self._error or RedisConnectionError("redis connection lost"))
@@ -189,7 +185,7 @@ class _Link(asyncio.Protocol):
         for call in calls:
             call.deadline = deadline
         self._transport.write(b"".join(call.command for call in calls))
-        self._sent.extend(calls)
+        self.sent.extend(calls)
         if self._watchdog is None:
             self._watchdog = loop.call_at(deadline, self._check_deadline)
 
@@ -206,9 +202,9 @@ class _Link(asyncio.Protocol):
         try:
             self._parser.feed(data)
             while (reply := self._parser.gets()) is not False:
-                if not self._sent:  # bytes nothing asked for: the stream cannot be trusted
+                if not self.sent:  # bytes nothing asked for: the stream cannot be trusted
                     raise hiredis.ProtocolError("a reply to no command")
-                self._settle(self._sent.popleft(), reply)
+                self._settle(self.sent.popleft(), reply)
         except hiredis.ProtocolError as exc:
             self._down(RedisConnectionError(f"redis sent what is not RESP: {exc}"))
 
@@ -238,13 +234,13 @@ class _Link(asyncio.Protocol):
 
     def _check_deadline(self) -> None:
         self._watchdog = None
-        if not self._sent or self._error is not None:
+        if not self.sent or self._error is not None:
             return
         loop = asyncio.get_running_loop()
-        if self._sent[0].deadline <= loop.time():
+        if self.sent[0].deadline <= loop.time():
             self._down(RedisTimeoutError(f"redis did not answer within {self._timeout} s"))
         else:
-            self._watchdog = loop.call_at(self._sent[0].deadline, self._check_deadline)
+            self._watchdog = loop.call_at(self.sent[0].deadline, self._check_deadline)
 
     def _down(self, error: Exception) -> None:
         """Give up on this link (once): every call still waiting on it fails; the coalescer connects anew."""
@@ -254,7 +250,7 @@ class _Link(asyncio.Protocol):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        sent, self._sent = list(self._sent), deque()
+        sent, self.sent = list(self.sent), deque()
         _fail(sent, error)
         if self._transport is not None:
             self._transport.close()
