@@ -28,6 +28,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gateway.authguard import FailedAuthGuard
+from gateway.concurrency import Leases
 from gateway.config import Config, load_config
 from gateway.errors import ApiError, ConfigError, NotFound, handle_api_error
 from gateway.forward import Forwarder
@@ -67,6 +68,7 @@ class Services:
     store: StoreGuard
     shedder: Shedder
     refusals: Refusals
+    leases: Leases
 
     @property
     def config(self) -> Config:
@@ -158,6 +160,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             store=StoreGuard(engine, metrics, breaker, LocalBudget()),
             shedder=Shedder(),
             refusals=Refusals(near_cache),
+            leases=Leases(engine),
         )
         try:
             with reload_on_sighup(live_config):
@@ -174,6 +177,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
                 stop_following.set()
                 follower.cancel()
                 await asyncio.wait([follower])
+            await app.state.services.leases.close()
             await upstream_client.close()
             await engine.aclose()
             await redis.aclose()

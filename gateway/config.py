@@ -30,6 +30,7 @@ MAX_IMAGES_PER_REQUEST = 10  # the OpenAI Images API's bound on `n`
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 _SIZE = re.compile(r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$")
 SHADOWABLE = ("daily_images", "rate")  # the plan keys whose limit can be put in shadow mode
+MAX_CONCURRENCY = 10_000  # a plan's concurrent requests per account; more than any pool holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,8 @@ class Plan:
     limits: LimitSet
     # on_store_failure: open admits within this per-replica budget while Redis cannot decide; None: closed (503).
     store_failure_budget: Bucket | None = None
+    # Requests of one account in flight at once, across every replica (gateway/concurrency.py); None: no limit.
+    concurrency: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,9 +257,14 @@ class _Reader:
             node,
             field,
             required={"priority", "daily_images", "rate"},
-            optional={"shadow", "on_store_failure", "store_failure_budget"},
+            optional={"shadow", "on_store_failure", "store_failure_budget", "concurrency"},
         )
         priority = self.integer(entries["priority"], f"{field}.priority", minimum=0)
+        concurrency = (
+            self.integer(entries["concurrency"], f"{field}.concurrency", minimum=1, maximum=MAX_CONCURRENCY)
+            if "concurrency" in entries
+            else None
+        )
         budget = self.store_failure(entries, field, name)
         shadow = self.shadow(entries["shadow"], f"{field}.shadow") if "shadow" in entries else set()
         bucket = self.rate(entries["rate"], f"{field}.rate", name)
@@ -265,7 +273,7 @@ class _Reader:
             buckets=(dataclasses.replace(bucket, shadow="rate" in shadow),),
             quotas=(dataclasses.replace(quota, shadow="daily_images" in shadow),),
         )
-        return Plan(name=name, priority=priority, limits=limits, store_failure_budget=budget)
+        return Plan(name=name, priority=priority, limits=limits, store_failure_budget=budget, concurrency=concurrency)
 
     def store_failure(self, entries: dict[str, yaml.Node], field: str, plan: str) -> Bucket | None:
         """The fail-open budget if `on_store_failure: open`; None if closed (the default)."""

@@ -19,12 +19,17 @@ Once an answer has gone out whole, `receive()` reports a disconnect too (uvicorn
 TestClient both do): that is the exchange's end, not a client leaving. So the answer goes out through
 `watch.sending(send)`, which stands the watcher down before its last message: a request whose answer
 is complete is never cancelled nor counted as gone, even if the last send yields to the watcher.
+
+While `watch.on_gone` is set, a client leaving calls it instead of cancelling the task: the proxy sets it
+while it waits for the backend's answer, so that it withdraws the request and still learns, from that
+answer, whether the backend had begun (gateway/proxy.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Callable
 from types import TracebackType
 
 from starlette.types import Message, Receive, Send
@@ -47,6 +52,8 @@ class CancelOnDisconnect:
         self._watcher: asyncio.Task[None] | None = None
         self._answered = False
         self.gone = False
+        self.on_gone: Callable[[], None] | None = None  # while set, called instead of cancelling the task
+        self._cancelled = False
 
     def sending(self, send: Send) -> Send:
         """`send`, standing the watcher down before the answer's last message goes out."""
@@ -73,7 +80,7 @@ class CancelOnDisconnect:
         self._rounds.discard(self)
         if self._watcher is not None:
             self._watcher.cancel()
-        if self.gone and kind is asyncio.CancelledError:
+        if self._cancelled and kind is asyncio.CancelledError:
             self._task.uncancel()
             return True  # our own cancellation, done: the caller reads `gone`
         return False
@@ -88,7 +95,11 @@ class CancelOnDisconnect:
             return
         assert self._task is not None
         self.gone = True
-        self._task.cancel()
+        if self.on_gone is not None:
+            self.on_gone()
+        else:
+            self._cancelled = True
+            self._task.cancel()
 
 
 class _Rounds:

@@ -7,6 +7,7 @@ ApiError                     an answer to the client, with an OpenAI-shaped JSON
  ├── Unauthorized            401 invalid_api_key: missing, malformed, unknown or revoked key
  ├── Forbidden               403 permission_error: the account's plan is not configured
  ├── NotFound                404 not_found: no route for the path
+ ├── RequestTimeout          408 request_timeout: the body did not arrive within the deadline
  ├── PayloadTooLarge         413 invalid_request_error: body over the configured size
  ├── IdempotencyKeyInFlight  409 idempotency_key_in_flight: the key's first request has not ended
  ├── IdempotencyKeyReused    422 idempotency_key_reused: the key was used for another request
@@ -14,6 +15,7 @@ ApiError                     an answer to the client, with an OpenAI-shaped JSON
  │    └── IdempotencyAnswerExpired  422 idempotency_answer_expired: served, and its kept answer has expired
  ├── QuotaExceeded           429 insufficient_quota: a daily quota is spent
  ├── RateLimited             429 rate_limit_exceeded: a token bucket is empty
+ ├── ConcurrencyLimited      429 concurrency_limit_exceeded: the account has its plan's requests in flight
  ├── BadGateway              502 upstream_error: the backend failed or could not be reached
  └── ServiceUnavailable      503 service_unavailable: the quota store is down, or overload
       └── Overloaded          503 overloaded: shed by the gateway, lowest priority first
@@ -69,6 +71,10 @@ class NotFound(ApiError):
     status, type, code = 404, "invalid_request_error", "not_found"
 
 
+class RequestTimeout(ApiError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
 class PayloadTooLarge(ApiError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
 
@@ -95,6 +101,10 @@ class QuotaExceeded(ApiError):
 
 class RateLimited(ApiError):
     status, type, code = 429, "requests", "rate_limit_exceeded"
+
+
+class ConcurrencyLimited(ApiError):
+    status, type, code = 429, "requests", "concurrency_limit_exceeded"
 
 
 class BadGateway(ApiError):

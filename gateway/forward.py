@@ -12,7 +12,9 @@ costs ~1 ms CPU a request), and aiohttp's client cost ~100-140 µs CPU a request
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +45,10 @@ _HOP_BY_HOP_RAW = frozenset(name.encode("latin-1") for name in _HOP_BY_HOP)
 INTERNAL_PREFIX = "x-quotagate-"
 # An upstream's 503 says "busy", not "broken": it is passed on, not held against the upstream.
 _OVERLOADED = 503
+# The backend's header on the answer to a request withdrawn before it began (backend/errors.py).
+_WITHDRAWN = (b"x-quotagate-withdrawn", b"1")
+
+log = logging.getLogger("quotagate.forward")
 
 
 def upstream_headers(
@@ -110,6 +116,11 @@ class UpstreamAnswer:
         self._answer = answer
         self._finished = False
 
+    @property
+    def withdrawn(self) -> bool:
+        """The backend answered that it withdrew the request before beginning it: no image was made."""
+        return _WITHDRAWN in self.raw_headers
+
     async def read(self) -> bytes:
         """The whole body; BadGateway if the upstream cuts it short or stalls past the read timeout."""
         try:
@@ -148,6 +159,7 @@ class Forwarder:
         self._client = client
         self._pools = {name: [Upstream(url) for url in urls] for name, urls in pools.items()}
         self._clock = clock
+        self._withdrawals: set[asyncio.Task[None]] = set()
 
     def healthy(self, pool: str) -> int:
         """How many upstreams of `pool` are not set aside now."""
@@ -169,9 +181,12 @@ class Forwarder:
         path_qs: str,
         headers: Iterable[tuple[str, str]],
         body: bytes,
+        *,
+        upstream: Upstream | None = None,
     ) -> UpstreamAnswer:
-        """The upstream's status and headers; BadGateway if none came (refused, reset or timed out)."""
-        upstream = self.pick(pool)
+        """The upstream's status and headers (from `upstream`, else the one `pick` names); BadGateway if none came."""
+        if upstream is None:
+            upstream = self.pick(pool)
         upstream.in_flight += 1
         try:
             answer = await self._client.send(upstream.origin, method, path_qs, headers, body)
@@ -182,6 +197,25 @@ class Forwarder:
             self.settle(upstream, policy, failed=False)
             raise
         return UpstreamAnswer(self, upstream, policy, answer)
+
+    def withdraw(self, upstream: Upstream, job: str) -> None:
+        """Ask `upstream`, in the background, to drop the queued request tagged `job` (DELETE /v1/jobs/{job}).
+
+        Its answer is not needed: the request's own answer says whether it was withdrawn or had begun.
+        """
+        task = asyncio.get_running_loop().create_task(self._withdraw(upstream, job))
+        self._withdrawals.add(task)
+        task.add_done_callback(self._withdrawals.discard)
+
+    async def _withdraw(self, upstream: Upstream, job: str) -> None:
+        try:
+            answer = await self._client.send(upstream.origin, "DELETE", f"/v1/jobs/{job}", (), b"")
+            try:
+                await answer.read()
+            finally:
+                answer.release()
+        except UpstreamError as exc:  # the request then runs on, and is charged as any begun one
+            log.warning("withdrawal from %s failed: %s", upstream.url, exc)
 
     def settle(self, upstream: Upstream, policy: PoolPolicy, *, failed: bool) -> None:
         """A request to `upstream` ended; set it aside after `eject_after` failures in a row."""

@@ -33,7 +33,11 @@ OUTCOMES = (
     "replayed",
     "idempotency_refused",
     "client_gone",
+    "body_timeout",
+    "concurrency_limited",
 )
+# Why a charge was given back (gateway/relay.py states the charging rule).
+REFUND_REASONS = ("upstream_error", "refused", "withdrawn")
 # Requests refused before their plan is known are counted under this plan label.
 NO_PLAN = "none"
 NO_PLAN_OUTCOMES = ("unauthorized", "store_unavailable", "shed", "bad_request")
@@ -92,8 +96,9 @@ class GatewayMetrics:
         self.images_refunded = Labelled(
             Counter(
                 "quotagate_images_refunded",
-                "Images refunded after a failed upstream answer, by plan.",
-                ["plan"],
+                "Images refunded, by plan and reason: upstream_error (the backend or the path to it failed), "
+                "refused (the backend took no work: its 4xx or 503), withdrawn (the client left before it began).",
+                ["plan", "reason"],
                 registry=registry,
             )
         )
@@ -194,7 +199,8 @@ class GatewayMetrics:
         routes = list(routes)
         for plan in plans:
             self.images_charged.labels(plan)
-            self.images_refunded.labels(plan)
+            for reason in REFUND_REASONS:
+                self.images_refunded.labels(plan, reason)
             self.in_flight.labels(plan)
             for action in STORE_FAILURE_ACTIONS:
                 self.store_failures.labels(plan, action)

@@ -7,7 +7,9 @@ the limiting itself.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -27,22 +29,24 @@ from gateway.errors import (
     ApiError,
     BadGateway,
     BadRequest,
+    ConcurrencyLimited,
     Forbidden,
     Overloaded,
     PayloadTooLarge,
     QuotaExceeded,
     RateLimited,
     RawAnswer,
+    RequestTimeout,
     ServiceUnavailable,
     Unauthorized,
 )
-from gateway.forward import upstream_headers
+from gateway.forward import UpstreamAnswer, upstream_headers
 from gateway.identity import Identity
 from gateway.metrics import NO_PLAN
 from gateway.relay import Charge, CutShort, relay
 from gateway.requestheaders import header_fields
 from gateway.requestlog import RequestRecord, begin, prompt_of, since_ms, write
-from limits import DailyQuota, Decision, LimitsError
+from limits import DailyQuota, Decision, Lease, LimitsError
 
 if TYPE_CHECKING:
     from gateway.app import Services
@@ -108,8 +112,11 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
         # Into the pool before the body is read and decided on: a shed request costs no quota, and little CPU.
         lowest = plan.priority <= config.lowest_priority
         slot = services.shedder.enter(route.upstream, config.pool(route.upstream), lowest_priority=lowest)
+        lease = None
         try:
-            body = await _read_body(request, services.settings.max_body_bytes)
+            # The account's own concurrent place, also before the body: its stalled bodies hold only its places.
+            lease = await _take_place(services, identity.account, plan)
+            body = await _read_body(request, services.settings.max_body_bytes, services.settings.body_timeout)
             if services.settings.log_prompts:
                 record.prompt = prompt_of(body)
             record.cost = cost = request_cost(route, body)
@@ -122,6 +129,8 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
                 services.metrics.decision_seconds.observe(record.decision_ms / 1000)
         except BaseException:  # refused, or gone: its place goes to the next request
             slot.release()
+            if lease is not None:
+                services.leases.give_back(lease)
             raise
     except idempotency.Replayed as replayed:  # the answer kept for its key, sent again: nothing charged
         record.outcome = "replayed"
@@ -142,7 +151,7 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
         services.metrics.shadow_requests.labels(plan.name, route.path, _shadow_outcome(decision)).inc()
 
     services.metrics.upstream_in_flight.labels(route.upstream).set(services.shedder.in_flight(route.upstream))
-    charge = Charge(services, route.path, identity, plan, decision, record, slot)
+    charge = Charge(services, route.path, identity, plan, decision, record, slot, lease)
     capture = None
     if decision is not None and decision.claim is not None:  # it claimed its key: its answer is kept for replays
         keep = partial(services.store.keep_answer, identity.account, decision)
@@ -150,11 +159,11 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
     outcome = "client_gone"
     try:
         async with CancelOnDisconnect(request.receive) as watch:
-            outcome = await _forward(services, route, request, body, identity, plan, charge, watch.sending(send))
+            outcome = await _forward(services, route, request, body, identity, plan, charge, send, watch)
         if watch.gone and record.status is None:
             record.status = CLIENT_CLOSED
-    finally:  # cancelled (the server stops) or failed: refunded as if the client had gone
-        await charge.end(outcome, refund=outcome != "allowed")
+    finally:  # a charge not settled by the backend's answer (the server stops, or failed) is refunded
+        await charge.end(outcome)
         if capture is not None:  # after any refund, which frees the key: a refunded answer is never kept
             await capture.finish()
 
@@ -168,9 +177,17 @@ async def _forward(
     plan: Plan,
     charge: Charge,
     send: Send,
+    watch: CancelOnDisconnect,
 ) -> str:
-    """Forward the admitted request and relay its answer; the outcome to count."""
+    """Forward the admitted request, settle its charge by the backend's answer and relay it; the outcome to count.
+
+    A client that hangs up before the answer withdraws its request: the backend drops it if it has not
+    begun and says so, or else makes and answers it, and the charge follows that answer as it would
+    for a client still there. Once the answer has begun, a hang-up cancels the relay; the charge stands.
+    """
     record = charge.record
+    send = watch.sending(send)
+    job = secrets.token_urlsafe(16)  # the backend's name for this request, should it be withdrawn
     forwarded = upstream_headers(
         request.headers,
         {
@@ -179,38 +196,48 @@ async def _forward(
             "X-Quotagate-Priority": str(plan.priority),
             "X-Quotagate-Plan": plan.name,
             "X-Quotagate-Account": identity.account,
+            "X-Quotagate-Job": job,
         },
         drop=(services.settings.account_header,),
     )
     query = request.scope["query_string"]
     path_qs = route.path + (f"?{query.decode('latin-1')}" if query else "")
     pool = services.config.pool(route.upstream)
+    upstream = services.forwarder.pick(route.upstream)
+    watch.on_gone = lambda: services.forwarder.withdraw(upstream, job)
     started = time.perf_counter()
     try:
-        answer = await services.forwarder.open(route.upstream, pool, request.scope["method"], path_qs, forwarded, body)
+        answer = await services.forwarder.open(
+            route.upstream, pool, request.scope["method"], path_qs, forwarded, body, upstream=upstream
+        )
     except BadGateway as exc:
-        await charge.refund()
+        await charge.refund("upstream_error")
         await _answer_error(exc, charge.headers, record, send)
         return "upstream_error"
     finally:
+        watch.on_gone = None  # from here a hang-up cancels the relay
         services.metrics.upstream_seconds.labels(route.path).observe(time.perf_counter() - started)
         record.upstream_ms = since_ms(started)
     record.upstream_status = answer.status
-    if not 200 <= answer.status < 300:
-        # No image came back, so none is charged: 5xx, the backend's 503 (passed on with its
-        # Retry-After) and its 4xx alike.
-        await charge.refund()
+    if 200 <= answer.status < 300:
+        charge.keep()
+    else:
+        await charge.refund(_refund_reason(answer))
+    if watch.gone:  # it left while the backend worked: the answer settled the charge, and goes nowhere
+        answer.finish()
+        return "client_gone"
     upstream_failed = False
     try:
         record.status = answer.status
         await relay(answer, charge.headers, send)
     except BadGateway as exc:  # cut short before the client had anything: answer a clean 502
         upstream_failed = True
-        await charge.refund()
+        await charge.refund("upstream_error")
         await _answer_error(exc, charge.headers, record, send)
         return "upstream_error"
-    except CutShort as exc:
+    except CutShort as exc:  # the path failed mid-answer: refunded, though the client has part of it
         upstream_failed = True
+        await charge.refund("upstream_error")
         log.warning("upstream %s broke off an answer: %s", answer.upstream.url, exc)
         return "upstream_error"
     finally:
@@ -218,6 +245,13 @@ async def _forward(
     if 200 <= answer.status < 300:
         return "allowed"
     return "upstream_error" if answer.status >= 500 else "refunded"
+
+
+def _refund_reason(answer: UpstreamAnswer) -> str:
+    """Why a non-2xx answer is refunded: withdrawn unbegun, refused (4xx, the backend's 503 "busy"), or failed."""
+    if answer.withdrawn:
+        return "withdrawn"
+    return "upstream_error" if answer.status >= 500 and answer.status != 503 else "refused"
 
 
 async def _answer_error(exc: ApiError, headers: dict[str, str], record: RequestRecord, send: Send) -> None:
@@ -232,8 +266,37 @@ def _shadow_outcome(decision: Decision) -> str:
     return "quota_exhausted" if any(isinstance(s.limit, DailyQuota) for s in refusals) else "rate_limited"
 
 
-async def _read_body(request: Incoming, limit: int) -> bytes:
-    """The whole body; PayloadTooLarge past `limit` bytes, ClientDisconnect if the client leaves first."""
+async def _take_place(services: Services, account: str, plan: Plan) -> Lease | None:
+    """The account's lease on one of its plan's concurrent places; None if the plan sets no limit.
+
+    If Redis cannot say, the request goes on without one: the decision that follows meets the same
+    Redis, and the plan's `on_store_failure` answers for both.
+    """
+    if plan.concurrency is None:
+        return None
+    try:
+        lease = await services.leases.take(account, plan.concurrency)
+    except LimitsError:
+        return None
+    if lease is None:
+        raise ConcurrencyLimited(
+            f"This account already has {plan.concurrency} requests in progress, the most the {plan.name} plan "
+            "allows at once; retry when one has finished.",
+            headers={"Retry-After": "1"},
+        )
+    return lease
+
+
+async def _read_body(request: Incoming, limit: int, within: float) -> bytes:
+    """The whole body; RequestTimeout past `within` seconds, PayloadTooLarge past `limit` bytes, ClientDisconnect."""
+    try:
+        async with asyncio.timeout(within):
+            return await _receive_body(request, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {within:g} s.") from None
+
+
+async def _receive_body(request: Incoming, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The request body is over {limit} bytes.")
@@ -273,5 +336,9 @@ def _outcome(exc: ApiError) -> str:
             return "store_unavailable"
         case BadRequest() | PayloadTooLarge():
             return "bad_request"
+        case RequestTimeout():
+            return "body_timeout"
+        case ConcurrencyLimited():
+            return "concurrency_limited"
         case _:
             return "upstream_error"

@@ -1,7 +1,10 @@
 """Relay an upstream's answer to the client as it arrives, and settle the request's charge by how it ended.
 
-A 2xx answer sent to its end keeps the charge. A client gone before the answer was all sent, or a
-body the upstream cut short, refunds it (a non-2xx answer was refunded when its status came).
+The charging rule: an image is charged once the backend begins it, and a 2xx answer says it did. The
+charge is refunded only when the backend or the path to it failed (no answer, a timeout, a 5xx, a body
+the upstream cut short, even mid-answer), when the backend took no work (its 4xx or 503), or when the
+request was withdrawn before the backend began (its 409 `withdrawn`). A client that hangs up after the
+backend began is charged, whether or not its answer had started.
 
 A small answer of known length is read whole and sent in one piece: the fewest sends, and a body the
 upstream cuts short is still a clean 502. Others stream as they arrive.
@@ -22,7 +25,7 @@ from gateway.headers import rate_limit_headers
 from gateway.identity import Identity
 from gateway.requestlog import RequestRecord
 from gateway.shedding import Slot
-from limits import Decision
+from limits import Decision, Lease
 
 if TYPE_CHECKING:
     from gateway.app import Services
@@ -42,6 +45,7 @@ class Charge:
         decision: Decision | None,  # None: admitted while Redis could not decide; nothing was charged
         record: RequestRecord,
         slot: Slot,
+        lease: Lease | None = None,  # the account's concurrent place (gateway/concurrency.py), if its plan has one
     ) -> None:
         limit_headers = rate_limit_headers(plan.limits, decision) if decision is not None else {}
         self.headers = {**limit_headers, "X-Request-Id": record.request_id}
@@ -52,11 +56,16 @@ class Charge:
         self._decision = decision
         self.record = record
         self._slot = slot
-        self._refunded = self._ended = False
+        self._lease = lease
+        self._refunded = self._kept = self._ended = False
         services.metrics.in_flight.labels(plan.name).inc()
 
-    async def refund(self) -> None:
-        """Give the images back (once): no image reached the client."""
+    def keep(self) -> None:
+        """The backend began the images (it answered 2xx): the charge stands, whatever the client does now."""
+        self._kept = True
+
+    async def refund(self, reason: str) -> None:
+        """Give the images back (once), for `reason`: upstream_error, refused or withdrawn (REFUND_REASONS)."""
         decision = self._decision
         if self._refunded or decision is None:
             return
@@ -65,19 +74,25 @@ class Charge:
             log.error("refund of %d images failed for plan %s: redis unavailable", decision.cost, self._plan.name)
             return
         if decision.allowed and not decision.replayed:
-            self._services.metrics.images_refunded.labels(self._plan.name).inc(decision.cost)
+            self._services.metrics.images_refunded.labels(self._plan.name, reason).inc(decision.cost)
 
-    async def end(self, outcome: str, *, refund: bool = False) -> None:
-        """The request is over: refund if asked, free its place in the pool, count its outcome."""
+    async def end(self, outcome: str) -> None:
+        """The request is over: free its place in the pool and count its outcome.
+
+        A charge neither kept nor refunded by now stopped before the backend's answer was known (the
+        gateway is stopping, or failed): refunded, as a failure of the path to the backend.
+        """
         if self._ended:
             return
         self._ended = True
         try:
-            if refund:
-                await self.refund()
+            if not self._kept:
+                await self.refund("upstream_error")
         finally:
             services, pool = self._services, self._slot.pool
             self._slot.release()
+            if self._lease is not None:
+                services.leases.give_back(self._lease)
             services.metrics.upstream_in_flight.labels(pool).set(services.shedder.in_flight(pool))
             services.metrics.upstream_healthy.labels(pool).set(services.forwarder.healthy(pool))
             services.metrics.in_flight.labels(self._plan.name).dec()

@@ -29,6 +29,7 @@ class Settings:
     upstreams: Mapping[str, tuple[str, ...]]
     max_body_bytes: int = 1 << 20
     idempotency_answer_bytes: int = 1 << 20  # answers bigger than this are not kept for Idempotency-Key replays
+    body_timeout: float = 10.0  # seconds a request body may take to arrive whole; 408 past it
     redis_timeout: float = 0.5
     upstream_connect_timeout: float = 2.0
     upstream_read_timeout: float = 300.0
@@ -50,6 +51,10 @@ class Settings:
         if self.log_format not in LOG_FORMATS:
             choices = ", ".join(LOG_FORMATS)
             raise ConfigError(f"QUOTAGATE_LOG_FORMAT: expected one of {choices}, got {self.log_format!r}")
+        if not 0 < self.body_timeout <= 3600:
+            raise ConfigError(
+                f"QUOTAGATE_BODY_TIMEOUT: expected seconds above 0, at most 3600, got {self.body_timeout!r}"
+            )
         if not 0 <= self.idempotency_answer_bytes <= 64 << 20:
             raise ConfigError(
                 "QUOTAGATE_IDEMPOTENCY_ANSWER_BYTES: expected bytes from 0 (keep no answer) to 67108864, "
@@ -94,6 +99,7 @@ class Settings:
             upstreams=parse_upstreams(environ.get("QUOTAGATE_UPSTREAMS", "")),
             max_body_bytes=int(number("QUOTAGATE_MAX_BODY_BYTES", 1 << 20)),
             idempotency_answer_bytes=int(number("QUOTAGATE_IDEMPOTENCY_ANSWER_BYTES", 1 << 20)),
+            body_timeout=number("QUOTAGATE_BODY_TIMEOUT", 10.0),
             redis_timeout=number("QUOTAGATE_REDIS_TIMEOUT", 0.5),
             upstream_connect_timeout=number("QUOTAGATE_UPSTREAM_CONNECT_TIMEOUT", 2.0),
             upstream_read_timeout=number("QUOTAGATE_UPSTREAM_READ_TIMEOUT", 300.0),

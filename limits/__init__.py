@@ -7,6 +7,7 @@ from limits.decision import Decision, KeyState, LimitState
 from limits.engine import Engine
 from limits.errors import ClockSkew, LimitsError, StoreUnavailable
 from limits.idempotency import KeyLifetimes
+from limits.lease import Lease
 from limits.policy import MAX_RATE_PER_S, PERIODS, Bucket, DailyQuota, Limit, LimitSet
 from limits.store import RedisClient, connect
 
@@ -20,6 +21,7 @@ __all__ = [
     "Engine",
     "KeyLifetimes",
     "KeyState",
+    "Lease",
     "Limit",
     "LimitSet",
     "LimitState",

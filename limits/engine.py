@@ -17,7 +17,8 @@ from limits.decision import Decision, KeyState, LimitState
 from limits.endpoint import Endpoint
 from limits.errors import ClockSkew, StoreUnavailable
 from limits.idempotency import KeyLifetimes
-from limits.keys import counter_key, idempotency_answer, idempotency_record
+from limits.keys import counter_key, idempotency_answer, idempotency_record, lease_set
+from limits.lease import Lease
 from limits.nearcache import INVALIDATIONS, DenialCache
 from limits.policy import Bucket, DailyQuota, LimitSet
 from limits.store import RedisClient
@@ -48,7 +49,9 @@ class Engine:
         self._clock = clock  # this process's clock: it only picks which day starts to send
         self._coalescer = Coalescer(Endpoint.of(redis)) if isinstance(redis, Redis) else None
         self._key_lifetimes = key_lifetimes or KeyLifetimes()
-        self._scripts = {name: _script(name) for name in ("decide", "refund", "grant", "keep")}
+        self._scripts = {
+            name: _script(name) for name in ("decide", "refund", "grant", "keep", "lease", "renew", "release")
+        }
         self._registered = {name: redis.register_script(s.source) for name, s in self._scripts.items()}
         self.near_cache = near_cache
 
@@ -169,6 +172,23 @@ class Engine:
         granted = int(await self._call("grant", [counter_key(account, quota.counter)], args))
         await self._announce(account)
         return granted
+
+    async def lease(self, account: str, limit: int, ttl: float, *, now: float | None = None) -> Lease | None:
+        """One of `account`'s `limit` concurrent places for `ttl` seconds unless renewed; None if all are held."""
+        lease = Lease(account, secrets.token_hex(8))
+        reply = await self._call(
+            "lease", [lease_set(account)], [_now_arg(now), limit, round(ttl * 1_000_000), lease.id]
+        )
+        return lease if reply[0] == 1 else None
+
+    async def renew(self, lease: Lease, ttl: float, *, now: float | None = None) -> bool:
+        """Extend a held lease to `ttl` seconds from now; False if it had lapsed (its place may be taken)."""
+        reply = await self._call("renew", [lease_set(lease.account)], [_now_arg(now), round(ttl * 1_000_000), lease.id])
+        return bool(reply)
+
+    async def release(self, lease: Lease) -> None:
+        """Give a lease's place back."""
+        await self._call("release", [lease_set(lease.account)], [lease.id])
 
     async def reset(self, account: str, limits: LimitSet) -> None:
         """Forget `account`'s usage: every bucket full, every quota unused, grants gone."""

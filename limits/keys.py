@@ -17,3 +17,8 @@ def idempotency_record(account: str, key: str) -> str:
 def idempotency_answer(account: str, key: str) -> str:
     """Key of the answer kept for a client's Idempotency-Key (a prefix of its own: no key's record can be it)."""
     return f"qg:{{{account}}}:idem-answer:{key}"
+
+
+def lease_set(account: str) -> str:
+    """Key of the account's concurrent-request leases: lease id -> expiry."""
+    return f"qg:{{{account}}}:leases"

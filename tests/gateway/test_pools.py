@@ -41,7 +41,8 @@ def _app(redis_url: str, urls: tuple[str, ...], registry: CollectorRegistry, poo
 
 
 def _refunded(registry: CollectorRegistry, plan: str = "free") -> float:
-    return registry.get_sample_value("quotagate_images_refunded_total", {"plan": plan}) or 0.0
+    labels = {"plan": plan, "reason": "upstream_error"}  # the path to the backend failed
+    return registry.get_sample_value("quotagate_images_refunded_total", labels) or 0.0
 
 
 def _until(check, what: str) -> None:  # type: ignore[no-untyped-def]

@@ -94,7 +94,8 @@ async def test_failed_upstream_answers_are_refunded(
     failed = generate(client, keys["free"], n=3)
     assert failed.status_code == status
     assert failed.headers["Retry-After"] == "7"  # the backend's own, passed on
-    assert registry.get_sample_value("quotagate_images_refunded_total", {"plan": "free"}) == 3
+    reason = "upstream_error" if status == 500 else "refused"  # a 4xx or the backend's 503: no work taken
+    assert registry.get_sample_value("quotagate_images_refunded_total", {"plan": "free", "reason": reason}) == 3
 
     upstream.status = 200
     assert generate(client, keys["free"], n=3).status_code == 200  # all three images are still there
@@ -109,7 +110,8 @@ async def test_unreachable_upstream_is_a_502_and_refunded(
         assert answer.status_code == 502
         assert answer.json()["error"]["code"] == "upstream_error"
         assert requests_total(registry, "free", "upstream_error") == 1
-    assert registry.get_sample_value("quotagate_images_refunded_total", {"plan": "free"}) == 3
+    refunded = registry.get_sample_value("quotagate_images_refunded_total", {"plan": "free", "reason": "upstream_error"})
+    assert refunded == 3
 
 
 @pytest.mark.parametrize(
@@ -219,4 +221,5 @@ async def test_every_plan_route_and_outcome_is_exported_at_zero_before_traffic(
         )
         == 0.0
     )
-    assert registry.get_sample_value("quotagate_images_refunded_total", {"plan": "free"}) == 0.0
+    for reason in ("upstream_error", "refused", "withdrawn"):
+        assert registry.get_sample_value("quotagate_images_refunded_total", {"plan": "free", "reason": reason}) == 0.0

@@ -1,0 +1,117 @@
+"""The charging rule against a client who hangs up: charged once the backend has begun, refunded when the path fails.
+
+A real `quotagate serve` process in front of a steerable image service (charging_upstream.py); the
+client is a raw socket that closes where a library client would have read on.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+from tests.adversarial.charging_upstream import ChargingUpstream
+from tests.adversarial.gateways import IMAGES, new_key
+from tests.gateway.conftest import serve_in_thread
+from tests.gateway.serve import GatewayProcess, gateway_processes
+
+QUOTAS = """\
+timezone: UTC
+plans:
+  free:
+    priority: 0
+    daily_images: 10
+    rate: {images: 600, per: minute, burst: 100}
+routes:
+  - path: /v1/images/generations
+    upstream: diffusion
+    cost: images
+"""
+
+
+@contextmanager
+def served(redis_url: str, tmp_path: Path) -> Iterator[tuple[GatewayProcess, ChargingUpstream, str]]:
+    quotas = tmp_path / "quotas.yaml"
+    quotas.write_text(QUOTAS)
+    upstream = ChargingUpstream()
+    with (
+        serve_in_thread(upstream.app()) as url,
+        gateway_processes(1, quotas, redis_url, url, tmp_path) as (gateway,),
+    ):
+        yield gateway, upstream, url
+
+
+def used(gateway: GatewayProcess, key: str) -> int:
+    quota = httpx.get(gateway.url + "/v1/quota", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
+    (daily,) = (limit for limit in quota["limits"] if limit["kind"] == "daily")
+    return int(daily["used"])
+
+
+def settled(gateway: GatewayProcess, outcome: str) -> None:
+    """Wait until the gateway has counted one request ended with `outcome` (its charge is settled by then)."""
+    deadline = time.monotonic() + 60
+    while (gateway.metric("quotagate_requests_total", outcome=outcome, plan="free", route=IMAGES) or 0) < 1:
+        assert time.monotonic() < deadline, gateway.logged()
+        time.sleep(0.02)
+
+
+def request(key: str, prompt: str, n: int) -> bytes:
+    body = b'{"prompt": "%s", "n": %d}' % (prompt.encode(), n)
+    head = f"POST {IMAGES} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+    return head.encode() + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def connect(url: str) -> socket.socket:
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader's small window
+    return sock
+
+
+def test_hanging_up_on_a_streamed_answer_is_charged(redis_url: str, tmp_path: Path) -> None:
+    key = new_key(redis_url, "ann", "free")
+    with served(redis_url, tmp_path) as (gateway, _, _url):
+        with connect(gateway.url) as sock:
+            sock.sendall(request(key, "big", 3))
+            received = b""
+            while b"\r\n\r\n" not in received or len(received) < 64 << 10:
+                received += sock.recv(4096)
+            assert received.startswith(b"HTTP/1.1 200")
+        settled(gateway, "client_gone")
+        assert used(gateway, key) == 3
+
+
+def test_hanging_up_while_the_backend_works_is_charged(redis_url: str, tmp_path: Path) -> None:
+    key = new_key(redis_url, "ann", "free")
+    with served(redis_url, tmp_path) as (gateway, upstream, url):
+        with connect(gateway.url) as sock:
+            sock.sendall(request(key, "held", 2))
+            deadline = time.monotonic() + 30
+            while upstream.begun < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        # The gateway withdraws the request; the backend says it has begun, and then makes it.
+        while upstream.withdrawals < 1:
+            assert time.monotonic() < deadline, gateway.logged()
+            time.sleep(0.02)
+        httpx.post(url + "/control/release", timeout=10)
+        settled(gateway, "client_gone")
+        assert used(gateway, key) == 2
+
+
+def test_an_answer_the_upstream_cuts_short_is_refunded(redis_url: str, tmp_path: Path) -> None:
+    key = new_key(redis_url, "ann", "free")
+    with served(redis_url, tmp_path) as (gateway, _, _url):
+        with connect(gateway.url) as sock:
+            sock.sendall(request(key, "cut", 3))
+            while sock.recv(65536):
+                pass
+        settled(gateway, "upstream_error")
+        assert used(gateway, key) == 0
+        refunded = gateway.metric("quotagate_images_refunded_total", plan="free", reason="upstream_error")
+        assert refunded == 3
