@@ -14,6 +14,7 @@ or saves, measured where the machine's noise hits both alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -81,24 +82,25 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=64)
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
-    with tempfile.TemporaryDirectory(prefix="qg-engine-ab-") as tmp, checked_out(args.old, Path(tmp) / "old") as old:
-        with checked_out(args.new, Path(tmp) / "new") as new:
-            port = free_port()
-            server = RedisServer(Path(tmp) / "redis", port=port)
-            server.start()
-            try:
-                with redis_py.Redis(port=port) as admin:
-                    if len(cores) > 1:
-                        os.sched_setaffinity(int(admin.info("server")["process_id"]), {cores[0]})
-                url = f"redis://127.0.0.1:{port}/0"
-                client_core = cores[1] if len(cores) > 1 else None
-                runs: dict[str, list[float]] = {args.old: [], args.new: []}
-                for round_ in range(args.rounds):
-                    order = [(args.old, old), (args.new, new)]
-                    for name, tree in order if round_ % 2 == 0 else reversed(order):
-                        runs[name].append(probe(tree, url, client_core, args.decisions, args.workers))
-            finally:
-                server.stop()
+    runs: dict[str, list[float]] = {args.old: [], args.new: []}
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qg-engine-ab-")))
+        order = [
+            (args.old, stack.enter_context(checked_out(args.old, tmp / "old"))),
+            (args.new, stack.enter_context(checked_out(args.new, tmp / "new"))),
+        ]
+        port = free_port()
+        server = RedisServer(tmp / "redis", port=port)
+        server.start()
+        stack.callback(server.stop)
+        with redis_py.Redis(port=port) as admin:
+            if len(cores) > 1:
+                os.sched_setaffinity(int(admin.info("server")["process_id"]), {cores[0]})
+        url = f"redis://127.0.0.1:{port}/0"
+        client_core = cores[1] if len(cores) > 1 else None
+        for round_ in range(args.rounds):
+            for name, tree in order if round_ % 2 == 0 else reversed(order):
+                runs[name].append(probe(tree, url, client_core, args.decisions, args.workers))
     medians = {name: statistics.median(values) for name, values in runs.items()}
     print(f"client CPU µs per decision, {args.workers} concurrent, median of {args.rounds} alternating runs")
     for name, values in runs.items():
