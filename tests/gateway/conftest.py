@@ -59,6 +59,7 @@ class StubUpstream:
     status: int = 200
     extra_headers: dict[str, str] = field(default_factory=dict)
     seen: list[dict[str, str]] = field(default_factory=list)
+    withdrawn: list[str] = field(default_factory=list)  # job tokens the gateway withdrew (DELETE /v1/jobs/...)
     gate: threading.Event | None = None
     split: bool = False
 
@@ -77,7 +78,17 @@ class StubUpstream:
                 await _opened(self.gate)
             return Response(answer, media_type="application/json", headers=self.extra_headers)
 
-        return Starlette(routes=[Route("/v1/images/generations", images, methods=["POST"])])
+        async def withdraw(request: Request) -> Response:
+            # An upstream that cannot tell whether a job began: the request it holds goes on.
+            self.withdrawn.append(request.path_params["token"])
+            return JSONResponse({"error": {"message": "unknown job", "type": "not_found"}}, status_code=404)
+
+        return Starlette(
+            routes=[
+                Route("/v1/images/generations", images, methods=["POST"]),
+                Route("/v1/jobs/{token}", withdraw, methods=["DELETE"]),
+            ]
+        )
 
     @staticmethod
     async def _split(answer: bytes, gate: threading.Event) -> AsyncIterator[bytes]:

@@ -83,7 +83,7 @@ BAD = {
     "unknown plan key": (
         QUOTAS.replace("    priority: 0\n", "    priority: 0\n    colour: blue\n"),
         "q.yaml:5: plans.free.colour: unknown key; expected one of: "
-        "daily_images, on_store_failure, priority, rate, shadow, store_failure_budget",
+        "concurrency, daily_images, on_store_failure, priority, rate, shadow, store_failure_budget",
     ),
     "missing field": (
         QUOTAS.replace("    priority: 0\n", ""),

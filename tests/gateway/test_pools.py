@@ -141,7 +141,7 @@ async def test_answers_are_streamed_to_the_client_as_they_arrive(
     assert _refunded(registry) == 0
 
 
-async def test_a_client_gone_before_the_answer_is_refunded(
+async def test_a_client_gone_while_the_upstream_works_is_charged_once_it_answers(
     redis_url: str, upstream: StubUpstream, free_key: str
 ) -> None:
     upstream.gate = threading.Event()
@@ -156,13 +156,16 @@ async def test_a_client_gone_before_the_answer_is_refunded(
         with socket.create_connection(("127.0.0.1", port)) as client:
             client.sendall(request)
             _until(lambda: len(upstream.seen) == 1, "the request never reached the upstream")
-        # The client hung up while the upstream was still working.
-        _until(lambda: _refunded(registry) == 3, "the charge was not refunded")
-        outcome = {"plan": "free", "route": PATH, "outcome": "client_gone"}
-        assert registry.get_sample_value("quotagate_requests_total", outcome) == 1
+        # The client hung up while the upstream was working: the gateway withdraws the request, the
+        # upstream cannot say it never began and answers, so its images stay charged.
+        _until(lambda: len(upstream.withdrawn) == 1, "the request was never withdrawn")
+        assert upstream.withdrawn[0] == upstream.seen[0]["x-quotagate-job"]
         upstream.gate.set()
+        outcome = {"plan": "free", "route": PATH, "outcome": "client_gone"}
+        _until(lambda: registry.get_sample_value("quotagate_requests_total", outcome) == 1, "never settled")
+        assert _refunded(registry) == 0
         with httpx.Client(base_url=url, timeout=HANG) as again:
-            assert _post(again, free_key, n=3).status_code == 200  # all three images are still there
+            assert _post(again, free_key, n=1).status_code == 429  # the day's three images are spent
 
 
 async def test_a_backend_killed_before_it_answers_is_a_502_and_refunded(redis_url: str, free_key: str) -> None:

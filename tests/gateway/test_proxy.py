@@ -110,8 +110,8 @@ async def test_unreachable_upstream_is_a_502_and_refunded(
         assert answer.status_code == 502
         assert answer.json()["error"]["code"] == "upstream_error"
         assert requests_total(registry, "free", "upstream_error") == 1
-    refunded = registry.get_sample_value("quotagate_images_refunded_total", {"plan": "free", "reason": "upstream_error"})
-    assert refunded == 3
+    labels = {"plan": "free", "reason": "upstream_error"}
+    assert registry.get_sample_value("quotagate_images_refunded_total", labels) == 3
 
 
 @pytest.mark.parametrize(
