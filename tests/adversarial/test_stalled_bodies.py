@@ -65,10 +65,11 @@ def served(redis_url: str, tmp_path: Path, quotas: str, body_timeout: float) -> 
     path = tmp_path / "quotas.yaml"
     path.write_text(quotas)
     stub = StubUpstream()
-    env = {"QUOTAGATE_BODY_TIMEOUT": str(body_timeout)}
     with (
         serve_in_thread(stub.app()) as stub.url,
-        gateway_processes(1, path, redis_url, stub.url, tmp_path, **env) as (gateway,),
+        gateway_processes(1, path, redis_url, stub.url, tmp_path, QUOTAGATE_BODY_TIMEOUT=str(body_timeout)) as (
+            gateway,
+        ),
     ):
         yield gateway
 
@@ -119,10 +120,10 @@ def answers_from(sockets: list[socket.socket], count: int) -> dict[socket.socket
             ready = selector.select(timeout=20)  # bounds a hung test only
             assert ready, f"{len(answers)} answers of {count}"
             for event, _ in ready:
-                sock = event.fileobj
-                assert isinstance(sock, socket.socket)
-                selector.unregister(sock)
-                answers[sock] = answer_on(sock)
+                answered = event.fileobj
+                assert isinstance(answered, socket.socket)
+                selector.unregister(answered)
+                answers[answered] = answer_on(answered)
     return answers
 
 
@@ -150,13 +151,13 @@ def test_one_accounts_stalled_bodies_never_take_another_accounts_place(redis_url
     with served(redis_url, tmp_path, QUOTAS, body_timeout=600) as gateway, ExitStack() as open_sockets:
         sockets = [open_sockets.enter_context(stall(gateway.url, hog)) for _ in range(HOG_CONNECTIONS)]
         refused = answers_from(sockets, HOG_CONNECTIONS - FREE_CONCURRENCY)
-        for answer in refused.values():
+        for refusal in refused.values():
             # Refused by its own limit, or shed by the pool while the burst's leases were being looked up.
-            assert (answer.status, answer.json()["error"]["code"]) in REFUSALS, answer
+            assert (refusal.status, refusal.json()["error"]["code"]) in REFUSALS, refusal
         # The hog's places are held: one more of its requests is refused too.
         with stall(gateway.url, hog) as extra:
-            refusal = answer_on(extra)
-            assert (refusal.status, refusal.json()["error"]["code"]) == (429, "concurrency_limit_exceeded"), refusal
+            one_more = answer_on(extra)
+            assert (one_more.status, one_more.json()["error"]["code"]) == (429, "concurrency_limit_exceeded"), one_more
         answer = generate(gateway, other)
         assert answer.status_code == 200, answer.text
         assert json.loads(answer.content)["data"]

@@ -9,8 +9,8 @@ import asyncio
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
-import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
@@ -37,7 +37,7 @@ def _batcher(client: TestClient) -> Batcher:
     return batcher
 
 
-def _generate(client: TestClient, token: str, prompt: str, n: int = 1) -> httpx.Response:
+def _generate(client: TestClient, token: str, prompt: str, n: int = 1) -> Any:
     return client.post(IMAGES, json={"prompt": prompt, "n": n}, headers={JOB_HEADER: token})
 
 
@@ -68,7 +68,7 @@ def test_a_queued_request_withdrawn_answers_409_and_makes_no_image(
     assert recording.entered.wait(timeout=60)
     images_before = _counter(registry, "quotagate_backend_images_generated_total")
 
-    queued: Future[httpx.Response] = posting.submit(_generate, client, "job-queued", "never made", 2)
+    queued: Future[Any] = posting.submit(_generate, client, "job-queued", "never made", 2)
     _until(lambda: batcher.queued, "the request is queued")
     withdrawal = client.delete("/v1/jobs/job-queued")
 
@@ -93,7 +93,7 @@ def test_a_request_already_running_is_not_withdrawn_and_answers_its_images(
     registry = CollectorRegistry()
     client = serve(make_settings(max_batch_images=4), registry=registry)
     recording.gate.clear()
-    running: Future[httpx.Response] = posting.submit(_generate, client, "job-running", "running", 2)
+    running: Future[Any] = posting.submit(_generate, client, "job-running", "running", 2)
     assert recording.entered.wait(timeout=60)  # its batch has begun
 
     withdrawal = client.delete("/v1/jobs/job-running")
