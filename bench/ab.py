@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import redis as redis_py  # noqa: E402
 
-from gateway.embedded_redis import RedisServer  # noqa: E402
+from gateway.ops.embedded_redis import RedisServer  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, tree in trees.items():
             port = free_port()
             gateway = spawn(
-                server_core, sys.executable, "-m", "gateway.cli", "serve", "--config", str(quotas),
+                server_core, sys.executable, "-m", "gateway.ops.cli", "serve", "--config", str(quotas),
                 "--redis-url", redis.url, "--upstream", f"diffusion={stub_url}", "--port", str(port),
                 env={"QUOTAGATE_KEY_SECRET": SECRET, "PYTHONPATH": str(tree)}, log=tmp / f"{name}.log",
             )  # fmt: skip

@@ -41,7 +41,7 @@ ROOT = BENCH.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gateway.embedded_redis import RedisServer  # noqa: E402
+from gateway.ops.embedded_redis import RedisServer  # noqa: E402
 from tests.adversarial.ledger import FAILURE, read_ledger, settled  # noqa: E402
 from tests.adversarial.mix import Client, Leaving, Received, generation  # noqa: E402
 from tests.adversarial.stack import DAILY_IMAGES, QUOTAS, Stack, running_stack  # noqa: E402

@@ -35,7 +35,7 @@ from zoneinfo import ZoneInfo
 import redis
 from redis.asyncio import Redis
 
-from gateway.embedded_redis import RedisServer, find_redis_server
+from gateway.ops.embedded_redis import RedisServer, find_redis_server
 from limits import Bucket, DailyQuota, Engine, LimitSet, connect
 from limits.keys import counter_key
 from limits.nearcache import DenialCache

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import redis as redis_py  # noqa: E402
 
-from gateway.embedded_redis import RedisServer  # noqa: E402
+from gateway.ops.embedded_redis import RedisServer  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 
 # Run inside each revision's tree: the engine from there, decisions at 64 concurrent, CPU per decision.

@@ -33,12 +33,12 @@ if str(ROOT) not in sys.path:
 
 from overhead import BODY, PATH, QUOTAS, SECRET, cores, need, spawn, stub_command, wait_answering  # noqa: E402
 
+from gateway.admission.identity import KeyStore  # noqa: E402
 from gateway.app import create_app  # noqa: E402
-from gateway.config import load_config  # noqa: E402
-from gateway.embedded_redis import RedisServer  # noqa: E402
-from gateway.identity import KeyStore  # noqa: E402
-from gateway.logs import configure_logging  # noqa: E402
-from gateway.settings import Settings  # noqa: E402
+from gateway.config.quotas import load_config  # noqa: E402
+from gateway.config.settings import Settings  # noqa: E402
+from gateway.observe.logs import configure_logging  # noqa: E402
+from gateway.ops.embedded_redis import RedisServer  # noqa: E402
 from limits import connect  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 

@@ -9,7 +9,7 @@ image list) and redis-server share the second, so the server's core does only th
 
   bare app            uvicorn + Starlette answering JSON: the ceiling of any Python app here
   passthrough proxy   uvicorn + Starlette + aiohttp forwarding to the stub, no auth, no limiting
-  passthrough, gateway's client   the same over the gateway's own upstream client (gateway/upstream_client.py)
+  passthrough, gateway's client   the same over the gateway's own upstream client (gateway/upstream/client.py)
   passthrough + 1 Redis call      that, after one Redis script call through the gateway's coalescer
                       (a script that answers 1): proxying plus the round trip an exact shared decision
                       needs; the gateway against it is what the limiting's own work costs
@@ -53,8 +53,8 @@ RESULTS = BENCH / "results"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gateway.embedded_redis import RedisServer  # noqa: E402
-from gateway.identity import KeyStore  # noqa: E402
+from gateway.admission.identity import KeyStore  # noqa: E402
+from gateway.ops.embedded_redis import RedisServer  # noqa: E402
 from limits import connect  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 
@@ -313,7 +313,7 @@ def servers(tmp: Path, server_core: str, load_core: str) -> Iterator[list[Target
         quotas.write_text(QUOTAS)
         gateway_env = {"QUOTAGATE_KEY_SECRET": SECRET, "PYTHONPATH": str(ROOT)}
         gateway = start(
-            server_core, sys.executable, "-m", "gateway.cli", "serve", "--config", str(quotas),
+            server_core, sys.executable, "-m", "gateway.ops.cli", "serve", "--config", str(quotas),
             "--redis-url", redis.url, "--upstream", f"diffusion={stub_url}", "--port", str(ports["gateway"]),
             env=gateway_env, log="gateway",
         )  # fmt: skip
@@ -402,7 +402,7 @@ def measure(
 
 
 def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per concurrency: the issue's ratios, by throughput and by server CPU per request."""
+    """Per concurrency: the target ratios, by throughput and by server CPU per request."""
     return {c: ratios_at(runs, c) for c in runs["gateway"]}
 
 

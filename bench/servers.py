@@ -3,8 +3,9 @@
 `uvicorn --factory --app-dir bench servers:bare_app` answers JSON and does nothing else: the ceiling of
 any Starlette app on this machine. `servers:passthrough_app` forwards every request to
 $BENCH_UPSTREAM over one aiohttp session, with no identity and no limiting: what proxying alone costs
-(the issue's reference). `servers:client_passthrough_app` does the same over the gateway's own client
-(gateway/upstream_client.py): beside the gateway, what its limiting costs on top of the same proxying.
+(the reference the overhead targets are set against). `servers:client_passthrough_app` does the same
+over the gateway's own client (gateway/upstream/client.py): beside the gateway, what its limiting
+costs on top of the same proxying.
 `servers:capacity_app` is the surge's image service: a fixed number
 of images at a time, highest priority first, a bounded queue, 503 past it.
 """
@@ -24,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.settings import Settings
-from gateway.upstream_client import UPSTREAM_KEEPALIVE_S, Origin, UpstreamClient
+from gateway.config.settings import Settings
+from gateway.upstream.client import UPSTREAM_KEEPALIVE_S, Origin, UpstreamClient
 from limits.coalesce import Coalescer, Script
 from limits.endpoint import Endpoint
 from limits.store import connect

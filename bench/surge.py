@@ -50,9 +50,9 @@ if str(ROOT) not in sys.path:
 
 from overhead import RESULTS, SECRET, cores, cpu_seconds, process_tree, spawn, wait_answering  # noqa: E402
 
-from gateway.embedded_redis import RedisServer  # noqa: E402
-from gateway.identity import KeyStore  # noqa: E402
-from gateway.upstream_client import Origin, UpstreamClient, UpstreamError  # noqa: E402
+from gateway.admission.identity import KeyStore  # noqa: E402
+from gateway.ops.embedded_redis import RedisServer  # noqa: E402
+from gateway.upstream.client import Origin, UpstreamClient, UpstreamError  # noqa: E402
 from limits import connect  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             pool = {"MAX_IN_FLIGHT": str(args.max_in_flight), "RESERVED_FOR_PAID": str(args.reserved)}
             quotas.write_text(functools.reduce(lambda text, item: text.replace(*item), pool.items(), QUOTAS))
             gateway = spawn(
-                server_core, sys.executable, "-m", "gateway.cli", "serve", "--config", str(quotas),
+                server_core, sys.executable, "-m", "gateway.ops.cli", "serve", "--config", str(quotas),
                 "--redis-url", redis.url, "--upstream", f"diffusion=http://127.0.0.1:{service_port}",
                 "--port", str(gateway_port),
                 env={"QUOTAGATE_KEY_SECRET": SECRET, "PYTHONPATH": str(ROOT)}, log=Path(tmp) / "gateway.log",

@@ -1,6 +1,6 @@
 """Build the gateway's ASGI app: clients are made in lifespan and reached through app state.
 
-Requests for a configured route take the hot path (gateway/proxy.py) in plain ASGI; health,
+Requests for a configured route take the hot path (gateway/http/proxy.py) in plain ASGI; health,
 metrics, `/v1/quota`, unknown paths and the lifespan are Starlette's.
 """
 
@@ -12,7 +12,6 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
@@ -27,53 +26,30 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from gateway.authguard import FailedAuthGuard
-from gateway.concurrency import Leases
-from gateway.config import Config, load_config
+from gateway.admission.authguard import FailedAuthGuard
+from gateway.admission.caller import Caller
+from gateway.admission.concurrency import Leases
+from gateway.admission.identity import KeyStore
+from gateway.admission.peers import TrustedProxies
+from gateway.admission.refusals import Refusals
+from gateway.admission.shedding import Shedder
+from gateway.admission.storefailure import CircuitBreaker, LocalBudget, StoreGuard
+from gateway.config.quotas import Config, load_config
+from gateway.config.reload import LiveConfig, reload_on_sighup
+from gateway.config.settings import Settings
 from gateway.errors import ApiError, ConfigError, NotFound, handle_api_error
-from gateway.forward import Forwarder
-from gateway.identity import KeyStore
-from gateway.logs import configure_logging, flush_logs
-from gateway.metrics import GatewayMetrics, render, worker_exited
-from gateway.openapi import openapi_endpoint
-from gateway.peers import TrustedProxies
-from gateway.proxy import proxy
-from gateway.quota import quota
-from gateway.refusals import Refusals
-from gateway.reload import LiveConfig, reload_on_sighup
-from gateway.requestlog import logged
-from gateway.settings import Settings
-from gateway.shedding import Shedder
-from gateway.storefailure import CircuitBreaker, LocalBudget, StoreGuard
-from gateway.upstream_client import UpstreamClient
-from limits import Engine, RedisClient, connect
-from limits.nearcache import DenialCache, follow_invalidations
+from gateway.http.openapi import openapi_endpoint
+from gateway.http.proxy import proxy
+from gateway.http.quota_endpoint import quota
+from gateway.http.services import Services
+from gateway.observe.logs import configure_logging, flush_logs
+from gateway.observe.metrics import GatewayMetrics, render, worker_exited
+from gateway.observe.requestlog import logged
+from gateway.upstream.client import UpstreamClient
+from gateway.upstream.forward import Forwarder
+from limits import DenialCache, Engine, connect, follow_invalidations
 
 PROXIED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-
-
-@dataclass(slots=True)
-class Services:
-    """Everything a request needs, built once per process."""
-
-    settings: Settings
-    live_config: LiveConfig
-    redis: RedisClient
-    engine: Engine
-    keys: KeyStore
-    forwarder: Forwarder
-    metrics: GatewayMetrics
-    peers: TrustedProxies
-    auth_guard: FailedAuthGuard
-    store: StoreGuard
-    shedder: Shedder
-    refusals: Refusals
-    leases: Leases
-
-    @property
-    def config(self) -> Config:
-        """The config in force now: read it once per request, so the request keeps it to its end."""
-        return self.live_config.current
 
 
 def check_upstreams(settings: Settings, config: Config) -> None:
@@ -147,20 +123,18 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         stop_watching = asyncio.Event()
         interval = settings.config_poll_interval
         watcher = asyncio.create_task(live_config.watch(stop_watching, every=interval)) if interval > 0 else None
+        app.state.redis = redis
+        auth_guard = FailedAuthGuard(engine, settings.auth_failures_per_minute, breaker=breaker)
         app.state.services = Services(
             settings=settings,
             live_config=live_config,
-            redis=redis,
-            engine=engine,
-            keys=keys,
+            caller=Caller(keys, TrustedProxies(settings.trusted_proxies), auth_guard, settings.account_header),
+            store=StoreGuard(engine, metrics, breaker, LocalBudget()),
+            refusals=Refusals(near_cache),
+            shedder=Shedder(),
+            leases=Leases(engine),
             forwarder=forwarder,
             metrics=metrics,
-            peers=TrustedProxies(settings.trusted_proxies),
-            auth_guard=FailedAuthGuard(engine, settings.auth_failures_per_minute, breaker=breaker),
-            store=StoreGuard(engine, metrics, breaker, LocalBudget()),
-            shedder=Shedder(),
-            refusals=Refusals(near_cache),
-            leases=Leases(engine),
         )
         try:
             with reload_on_sighup(live_config):
@@ -195,7 +169,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             body = {"status": "unavailable", "redis": "circuit open", "config_version": version}
             return JSONResponse(body, status_code=503)
         try:
-            await services.redis.ping()
+            await request.app.state.redis.ping()
         except RedisError as exc:
             breaker.failed()
             services.metrics.redis_errors.labels("readyz").inc()

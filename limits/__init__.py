@@ -8,6 +8,7 @@ from limits.engine import Engine
 from limits.errors import ClockSkew, LimitsError, StoreUnavailable
 from limits.idempotency import KeyLifetimes
 from limits.lease import Lease
+from limits.nearcache import INVALIDATIONS, DenialCache, follow_invalidations
 from limits.policy import MAX_RATE_PER_S, PERIODS, Bucket, DailyQuota, Limit, LimitSet
 from limits.store import RedisClient, connect
 
@@ -15,8 +16,10 @@ __all__ = [
     "MAX_RATE_PER_S",
     "PERIODS",
     "Bucket",
+    "INVALIDATIONS",
     "ClockSkew",
     "DailyQuota",
+    "DenialCache",
     "Decision",
     "Engine",
     "KeyLifetimes",
@@ -29,4 +32,5 @@ __all__ = [
     "RedisClient",
     "StoreUnavailable",
     "connect",
+    "follow_invalidations",
 ]

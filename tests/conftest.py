@@ -13,7 +13,7 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from gateway.embedded_redis import RedisServer
+from gateway.ops.embedded_redis import RedisServer
 from limits import Engine
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from gateway.identity import KeyStore
+from gateway.admission.identity import KeyStore
 from tests.gateway.conftest import QUOTAS, SECRET, StubUpstream, serve_in_thread
 from tests.gateway.serve import GatewayProcess, gateway_processes
 

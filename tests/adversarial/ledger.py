@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-# Refunds of images the backend may have made: it, or the path to it, failed (gateway/relay.py's rule).
+# Refunds of images the backend may have made: it, or the path to it, failed (gateway/http/relay.py's rule).
 FAILURE = "upstream_error"
 # Seconds to wait at most for the gateway to end the requests a client left: a guard, never a measure.
 SETTLE_LIMIT = 60.0

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.identity import KeyStore
+from gateway.admission.identity import KeyStore
 from limits import connect
 from tests.reliability.processes import SECRET, ServiceSet
 

@@ -15,7 +15,7 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.embedded_redis import RedisServer
+from gateway.ops.embedded_redis import RedisServer
 from tests.gateway.conftest import QUOTAS
 from tests.gateway.serve import gateway_processes
 from tests.ports import free_port

@@ -21,8 +21,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from gateway.config import Config, parse_config
-from gateway.settings import Settings
+from gateway.config.quotas import Config, parse_config
+from gateway.config.settings import Settings
 
 SECRET = b"test-secret-of-at-least-16-bytes"
 

@@ -15,9 +15,9 @@ import pytest
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
-from gateway.admin import create_admin_app
-from gateway.config import parse_config
-from gateway.identity import KeyStore
+from gateway.admission.identity import KeyStore
+from gateway.config.quotas import parse_config
+from gateway.ops.admin import create_admin_app
 from limits import Engine
 from tests.ports import free_port
 
@@ -130,7 +130,7 @@ def test_an_admin_port_without_a_token_is_refused_at_start(quota_file: Path, red
 
 def _quotagate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     environ = {**os.environ, "QUOTAGATE_KEY_SECRET": SECRET.decode(), **(env or {})}
-    command = [sys.executable, "-m", "gateway.cli", *args]
+    command = [sys.executable, "-m", "gateway.ops.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, env=environ, timeout=60)
 
 

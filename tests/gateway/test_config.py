@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import PoolPolicy, load_config, parse_config
+from gateway.config.quotas import PoolPolicy, load_config, parse_config
 from gateway.errors import ConfigError
 from limits import Bucket
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from gateway.config import parse_config
-from gateway.cost import request_cost
+from gateway.admission.cost import request_cost
+from gateway.config.quotas import parse_config
 from gateway.errors import BadRequest
 
 from .conftest import QUOTAS

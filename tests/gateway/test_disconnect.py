@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.disconnect import CancelOnDisconnect
+from gateway.http.disconnect import CancelOnDisconnect
 
 pytestmark = pytest.mark.anyio
 

@@ -12,10 +12,10 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
+from gateway.admission.identity import KeyStore
+from gateway.admission.ratelimit_headers import DAILY_RESET_SPREAD_S, duration, retry_after
 from gateway.app import create_app
-from gateway.config import Config
-from gateway.headers import DAILY_RESET_SPREAD_S, duration, retry_after
-from gateway.identity import KeyStore
+from gateway.config.quotas import Config
 from limits import Bucket, DailyQuota, LimitSet
 from tests.conftest import MakeEngine
 

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
+from gateway.admission.identity import Identity, KeyStore
 from gateway.errors import Unauthorized
-from gateway.identity import Identity, KeyStore
 from limits.nearcache import INVALIDATIONS, follow_invalidations
 
 from .conftest import SECRET

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from gateway.config.settings import Settings
 from gateway.errors import ConfigError
-from gateway.logs import MAX_PENDING, BufferedHandler, JsonFormatter
-from gateway.settings import Settings
+from gateway.observe.logs import MAX_PENDING, BufferedHandler, JsonFormatter
 
 
 class _Writes(io.StringIO):

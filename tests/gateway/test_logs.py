@@ -14,10 +14,10 @@ import pytest
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
+from gateway.admission.identity import KeyStore
 from gateway.app import create_app
-from gateway.config import Config
-from gateway.identity import KeyStore
-from gateway.logs import JsonFormatter
+from gateway.config.quotas import Config
+from gateway.observe.logs import JsonFormatter
 
 from .conftest import QUOTAS, SECRET, StubUpstream, settings_for
 from .serve import gateway_processes

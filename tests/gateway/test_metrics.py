@@ -7,8 +7,8 @@ from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.config import Config
-from gateway.metrics import OUTCOMES, REDIS_OPERATIONS, RELOAD_RESULTS, GatewayMetrics
+from gateway.config.quotas import Config
+from gateway.observe.metrics import OUTCOMES, REDIS_OPERATIONS, RELOAD_RESULTS, GatewayMetrics
 from tests.ports import free_port
 
 from .conftest import StubUpstream, settings_for

@@ -13,13 +13,13 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
+from gateway.admission.identity import KeyStore
 from gateway.app import create_app
-from gateway.cli import main
-from gateway.config import parse_config
+from gateway.config.quotas import parse_config
+from gateway.config.reload import LiveConfig
 from gateway.errors import ConfigError
-from gateway.identity import KeyStore
-from gateway.metrics import GatewayMetrics
-from gateway.reload import LiveConfig
+from gateway.observe.metrics import GatewayMetrics
+from gateway.ops.cli import main
 
 from .conftest import QUOTAS, SECRET, StubUpstream, settings_for
 

@@ -17,12 +17,12 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
+from gateway.admission.identity import KeyStore
 from gateway.app import create_app
-from gateway.config import Config, PoolPolicy, parse_config
+from gateway.config.quotas import Config, PoolPolicy, parse_config
 from gateway.errors import BadGateway
-from gateway.forward import Forwarder
-from gateway.identity import KeyStore
-from gateway.upstream_client import UpstreamClient
+from gateway.upstream.client import UpstreamClient
+from gateway.upstream.forward import Forwarder
 
 from .conftest import QUOTAS, SECRET, StubUpstream, serve_in_thread, settings_for
 from .doomed_upstream import doomed

@@ -10,9 +10,9 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
+from gateway.admission.identity import KeyStore
 from gateway.app import create_app
-from gateway.config import Config
-from gateway.identity import KeyStore
+from gateway.config.quotas import Config
 
 from .conftest import SECRET, StubUpstream, settings_for
 

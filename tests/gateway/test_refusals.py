@@ -9,10 +9,10 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
+from gateway.admission.identity import KeyStore
+from gateway.admission.refusals import Refusals
 from gateway.app import create_app
-from gateway.config import Config
-from gateway.identity import KeyStore
-from gateway.refusals import Refusals
+from gateway.config.quotas import Config
 from limits.nearcache import REFRESH_S, DenialCache
 from tests.conftest import MakeEngine
 

@@ -17,10 +17,11 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
-from gateway import reload
-from gateway.app import Services, create_app
-from gateway.config import Config, load_config, parse_config
-from gateway.identity import KeyStore
+from gateway.admission.identity import KeyStore
+from gateway.app import create_app
+from gateway.config import reload
+from gateway.config.quotas import Config, load_config, parse_config
+from gateway.http.services import Services
 
 from .conftest import QUOTAS, SECRET, StubUpstream, settings_for
 from .serve import GatewayProcess, gateway_processes
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.anyio
 
 PATH = "/v1/images/generations"
 BODY = {"prompt": "a lighthouse", "n": 1}
-APPLY_WITHIN = 2.0  # seconds: the bound for a change to reach every gateway
+APPLY_WITHIN = 2.0  # seconds: the promised bound for a change to reach every gateway
 
 
 def with_free_daily(images: int) -> str:

@@ -21,8 +21,8 @@ import openai
 import pytest
 import redis
 
-from gateway.embedded_redis import RedisServer
-from gateway.headers import DAILY_RESET_SPREAD_S
+from gateway.admission.ratelimit_headers import DAILY_RESET_SPREAD_S
+from gateway.ops.embedded_redis import RedisServer
 from limits.nearcache import INVALIDATIONS
 
 from .conftest import QUOTAS, SECRET, StubUpstream

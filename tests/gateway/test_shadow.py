@@ -9,10 +9,10 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
+from gateway.admission.identity import KeyStore
 from gateway.app import create_app
-from gateway.config import parse_config
+from gateway.config.quotas import parse_config
 from gateway.errors import ConfigError
-from gateway.identity import KeyStore
 
 from .conftest import QUOTAS, SECRET, StubUpstream, settings_for
 

@@ -14,11 +14,11 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
+from gateway.admission.identity import KeyStore
+from gateway.admission.shedding import RETRY_AFTER_S, Shedder, Slot
 from gateway.app import create_app
-from gateway.config import PoolPolicy, parse_config
+from gateway.config.quotas import PoolPolicy, parse_config
 from gateway.errors import Overloaded
-from gateway.identity import KeyStore
-from gateway.shedding import RETRY_AFTER_S, Shedder, Slot
 
 from .conftest import QUOTAS, SECRET, StubUpstream, serve_in_thread, settings_for
 

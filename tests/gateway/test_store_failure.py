@@ -17,12 +17,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from gateway.config import parse_config
-from gateway.embedded_redis import RedisServer
+from gateway.admission.identity import KeyStore
+from gateway.admission.storefailure import CircuitBreaker, LocalBudget, StoreGuard
+from gateway.config.quotas import parse_config
 from gateway.errors import ConfigError, ServiceUnavailable, Unauthorized
-from gateway.identity import KeyStore
-from gateway.metrics import GatewayMetrics
-from gateway.storefailure import CircuitBreaker, LocalBudget, StoreGuard
+from gateway.observe.metrics import GatewayMetrics
+from gateway.ops.embedded_redis import RedisServer
 from limits import Bucket
 from tests.conftest import MakeEngine
 from tests.ports import free_port

@@ -10,12 +10,13 @@ from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from gateway.admission.authguard import FailedAuthGuard
+from gateway.admission.identity import KeyStore
+from gateway.admission.peers import TrustedProxies
 from gateway.app import create_app
-from gateway.authguard import FailedAuthGuard
-from gateway.config import Config
+from gateway.config.addresses import parse_networks
+from gateway.config.quotas import Config
 from gateway.errors import ConfigError, RateLimited
-from gateway.identity import KeyStore
-from gateway.peers import TrustedProxies, parse_networks
 from tests.conftest import MakeEngine
 
 from .conftest import SECRET, StubUpstream, settings_for

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.config.addresses import Origin
+from gateway.config.settings import Settings
 from gateway.errors import ConfigError
-from gateway.settings import Settings
-from gateway.upstream_client import HIGH_WATER, MAX_HEAD_BYTES, MAX_INTERIM, Origin, UpstreamClient, UpstreamError
+from gateway.upstream.client import HIGH_WATER, MAX_HEAD_BYTES, MAX_INTERIM, UpstreamClient, UpstreamError
 
 from .scripted_upstream import scripted
 

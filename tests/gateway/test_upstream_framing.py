@@ -11,9 +11,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
+from gateway.admission.identity import KeyStore
 from gateway.app import create_app
-from gateway.config import Config
-from gateway.identity import KeyStore
+from gateway.config.quotas import Config
 
 from .conftest import SECRET, serve_in_thread, settings_for
 from .scripted_upstream import scripted

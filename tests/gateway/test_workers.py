@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from gateway.identity import KeyStore
-from gateway.metrics import MULTIPROC_ENV, shared_across_workers
+from gateway.admission.identity import KeyStore
+from gateway.observe.metrics import MULTIPROC_ENV, shared_across_workers
 
 from .conftest import QUOTAS, SECRET, StubUpstream
 from .serve import gateway_processes

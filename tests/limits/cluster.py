@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 
-from gateway.embedded_redis import RedisServer, find_redis_server
+from gateway.ops.embedded_redis import RedisServer, find_redis_server
 
 # A cluster node also listens on its port + 10000 (the cluster bus), so both must be free.
 BUS_OFFSET = 10000

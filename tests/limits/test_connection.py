@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import redis
 
-from gateway.embedded_redis import RedisServer
+from gateway.ops.embedded_redis import RedisServer
 from limits import Bucket, DailyQuota, Engine, LimitSet, StoreUnavailable, connect
 from tests.ports import free_port
 

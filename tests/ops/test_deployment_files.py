@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry
 
 from backend.cli import _parser as backend_parser
 from backend.metrics import BackendMetrics
-from gateway.admin import check_token
-from gateway.cli import _parser as gateway_parser
-from gateway.metrics import GatewayMetrics
-from gateway.settings import Settings
+from gateway.config.settings import Settings
+from gateway.observe.metrics import GatewayMetrics
+from gateway.ops.admin import check_token
+from gateway.ops.cli import _parser as gateway_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "config"

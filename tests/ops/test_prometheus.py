@@ -22,7 +22,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.identity import KeyStore
+from gateway.admission.identity import KeyStore
 from limits import connect
 from tests.ports import free_port
 from tests.reliability.processes import ROOT, SECRET, Service, ServiceSet
@@ -196,7 +196,7 @@ async def _run(services: ServiceSet, quotas: Path, redis_url: str, prometheus_bi
     gateway = services.spawn(
         "gateway",
         [
-            sys.executable, "-m", "gateway.cli", "serve", "--config", str(quotas), "--redis-url", redis_url,
+            sys.executable, "-m", "gateway.ops.cli", "serve", "--config", str(quotas), "--redis-url", redis_url,
             "--workers", "2", "--upstream", f"diffusion={backend.url}", "--port", str(port := free_port()),
         ],
         port,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import load_config
-from gateway.identity import KeyStore
+from gateway.admission.identity import KeyStore
+from gateway.config.quotas import load_config
 from limits import DailyQuota, Engine, connect
 
 from .processes import SECRET, ServiceSet

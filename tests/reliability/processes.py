@@ -89,7 +89,7 @@ class ServiceSet:
     ) -> Service:
         """`quotagate serve` on a free port (not yet awaited: call wait_ready, or start several first)."""
         port = free_port()
-        command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--redis-url", redis_url]
+        command = [sys.executable, "-m", "gateway.ops.cli", "serve", "--config", str(config), "--redis-url", redis_url]
         command += ["--upstream", f"diffusion={upstream}", "--port", str(port), *extra]
         return self.spawn(name, command, port, {"QUOTAGATE_KEY_SECRET": SECRET, **(env or {})})
 

@@ -13,7 +13,7 @@ import aiohttp
 import httpx
 import pytest
 
-from gateway.config import load_config
+from gateway.config.quotas import load_config
 
 from .conftest import PATH, QUOTAS, create_key, metric
 from .processes import Service, ServiceSet

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from gateway.config import load_config
+from gateway.config.quotas import load_config
 from gateway.errors import ConfigError
 
 from .conftest import PATH, QUOTAS, create_key, images_used

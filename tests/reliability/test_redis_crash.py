@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from gateway.embedded_redis import RedisServer
+from gateway.ops.embedded_redis import RedisServer
 from tests.ports import free_port
 
 from .conftest import PATH, QUOTAS, create_key, images_used

@@ -94,7 +94,7 @@ async def test_no_key_or_secret_is_logged_on_any_path(services: ServiceSet, quot
         statuses.append(await post(f"Bearer {paid}"))  # 502: the backend is gone
     assert statuses == [200, 200, 200, 429, 200, 400, 400, 401, 401, 401, 401, 502]
 
-    gateway.stop()  # a stopping gateway writes the lines it holds (gateway/logs.py)
+    gateway.stop()  # a stopping gateway writes the lines it holds (gateway/observe/logs.py)
     request_lines = [line for line in gateway.log.read_text().splitlines() if line.startswith("{")]
     assert len(request_lines) >= len(statuses), gateway.log.read_text()
     # The services fixture now reads every line of every log for the keys, the secret halves and SECRET.

@@ -28,12 +28,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.accounts import Accounts, UnknownAccount
-from gateway.config import Config, parse_config, read_config_text
+from gateway.admission.identity import KeyStore
+from gateway.config.quotas import Config, parse_config, read_config_text
+from gateway.config.settings import Settings
 from gateway.errors import ApiError, BadRequest, ConfigError, NotFound, ServiceUnavailable, Unauthorized
 from gateway.errors import error_response as _error_response
-from gateway.identity import KeyStore
-from gateway.settings import Settings
+from gateway.ops.accounts import Accounts, UnknownAccount
 from limits import Engine, LimitsError, connect
 
 TOKEN_ENV = "QUOTAGATE_ADMIN_TOKEN"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import orjson
 
-from gateway.config import MAX_IMAGES_PER_REQUEST, Route
+from gateway.config.quotas import MAX_IMAGES_PER_REQUEST, Route
 from gateway.errors import BadRequest
 
 

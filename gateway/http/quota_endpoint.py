@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.caller import identify
+from gateway.admission.ratelimit_headers import rate_limit_headers
+from gateway.admission.usage import limits_view
 from gateway.errors import Forbidden
-from gateway.headers import rate_limit_headers
-from gateway.requestheaders import header_fields
-from gateway.usage import limits_view
-
-if TYPE_CHECKING:
-    from gateway.app import Services
+from gateway.http.request_headers import header_fields
+from gateway.http.services import Services
 
 
 async def quota(request: Request) -> Response:
     """The caller's plan and, per limit, its size, what is used and left, and when it resets."""
     services: Services = request.app.state.services
     headers = header_fields(request.scope["headers"])  # as the proxied routes read them
-    identity = await identify(headers, request.client.host if request.client else None, services)
+    identity = await services.caller.identify(headers, request.client.host if request.client else None)
     plan = services.config.plan_at(identity.plan, time.time())
     if plan is None:
         raise Forbidden(f"This account's plan {identity.plan!r} is not offered; contact support.")

@@ -20,10 +20,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from gateway.config import load_config
-from gateway.datadir import DataDir
-from gateway.embedded_redis import RedisServer
-from gateway.identity import KeyStore
+from gateway.admission.identity import KeyStore
+from gateway.config.quotas import load_config
+from gateway.ops.datadir import DataDir
+from gateway.ops.embedded_redis import RedisServer
 from limits import connect
 
 BACKEND_READY_TIMEOUT = 600.0  # the first start creates the tiny model and imports torch

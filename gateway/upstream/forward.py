@@ -1,11 +1,11 @@
 """Forward an admitted request to the least busy healthy upstream of its pool, over one UpstreamClient.
 
-The answer's body is not read here: gateway/relay.py reads it whole or streams it on to the client. An
+The answer's body is not read here: gateway/http/relay.py reads it whole or streams it on to the client. An
 upstream that fails (no connection, a timeout, a 5xx other than its 503 "overloaded", a body cut
 short) `eject_after` times in a row is set aside for `eject_for` seconds (passive health); if every
 upstream of a pool is set aside, they are all tried again rather than none.
 
-The client is the gateway's own (gateway/upstream_client.py), not httpx nor aiohttp: measured here,
+The client is the gateway's own (gateway/upstream/client.py), not httpx nor aiohttp: measured here,
 an httpx.AsyncClient proxy served 0.03× the requests per second of a bare Starlette app (its pool
 costs ~1 ms CPU a request), and aiohttp's client cost ~100-140 µs CPU a request more than ours.
 """
@@ -19,9 +19,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from gateway.config import PoolPolicy
+from gateway.config.addresses import Origin
+from gateway.config.quotas import PoolPolicy
 from gateway.errors import BadGateway
-from gateway.upstream_client import Answer, Origin, UpstreamClient, UpstreamError
+from gateway.upstream.client import Answer, UpstreamClient, UpstreamError
 
 # Hop-by-hop fields (RFC 9110 §7.6.1), those the client sets itself, and Expect: the gateway has the
 # whole body already, so the upstream is never asked to wait before it.

@@ -20,8 +20,8 @@ import math
 import time
 from collections.abc import Callable
 
+from gateway.admission.storefailure import CircuitBreaker
 from gateway.errors import RateLimited
-from gateway.storefailure import CircuitBreaker
 from limits import Bucket, Engine, LimitsError, LimitSet, StoreUnavailable
 
 log = logging.getLogger("quotagate.authguard")

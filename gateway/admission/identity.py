@@ -20,11 +20,10 @@ from typing import TYPE_CHECKING, NamedTuple
 from redis.exceptions import RedisError
 
 from gateway.errors import ServiceUnavailable, Unauthorized
-from limits import RedisClient
-from limits.nearcache import INVALIDATIONS
+from limits import INVALIDATIONS, RedisClient
 
 if TYPE_CHECKING:
-    from gateway.storefailure import CircuitBreaker
+    from gateway.admission.storefailure import CircuitBreaker
 
 _KEY = re.compile(r"^qg_([0-9a-f]{16})_([0-9a-f]{48})$")
 KEY_ID = re.compile(r"^[0-9a-f]{16}$")

@@ -18,9 +18,9 @@ import math
 import time
 from collections.abc import Callable
 
-from gateway.config import Plan
+from gateway.config.quotas import Plan
 from gateway.errors import ServiceUnavailable
-from gateway.metrics import GatewayMetrics
+from gateway.observe.metrics import GatewayMetrics
 from limits import Bucket, Decision, Engine, LimitsError, StoreUnavailable
 
 log = logging.getLogger("quotagate.store")

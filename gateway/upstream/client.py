@@ -24,11 +24,11 @@ import os
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
 from typing import NoReturn, cast
-from urllib.parse import urlsplit
 
 import httptools
+
+from gateway.config.addresses import Origin
 
 # Under the 5 s keep-alive of uvicorn, the backend's server.
 UPSTREAM_KEEPALIVE_S = 4.0
@@ -52,29 +52,6 @@ class UpstreamError(Exception):
 
 class _Stop(Exception):
     """Raised in a parser callback to stop the parser where it is: the callback has settled the exchange."""
-
-
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """Where an upstream URL's requests go: scheme, host and port, and the path they are prefixed with."""
-
-    scheme: str
-    host: str
-    port: int
-    prefix: str
-    host_header: str
-
-    @classmethod
-    def parse(cls, url: str) -> Origin:
-        """`http://backend:8001/api` → Origin("http", "backend", 8001, "/api", "backend:8001")."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
-        default = 443 if parts.scheme == "https" else 80
-        port = parts.port or default
-        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        host_header = host if port == default else f"{host}:{port}"
-        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"), host_header)
 
 
 class Answer:

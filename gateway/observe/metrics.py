@@ -36,7 +36,7 @@ OUTCOMES = (
     "body_timeout",
     "concurrency_limited",
 )
-# Why a charge was given back (gateway/relay.py states the charging rule).
+# Why a charge was given back (gateway/http/relay.py states the charging rule).
 REFUND_REASONS = ("upstream_error", "refused", "withdrawn")
 # Requests refused before their plan is known are counted under this plan label.
 NO_PLAN = "none"

@@ -1,36 +1,25 @@
-"""Relay an upstream's answer to the client as it arrives, and settle the request's charge by how it ended.
+"""Settle an admitted request's charge by how it ended, and give back its place in the pool.
 
 The charging rule: an image is charged once the backend begins it, and a 2xx answer says it did. The
 charge is refunded only when the backend or the path to it failed (no answer, a timeout, a 5xx, a body
 the upstream cut short, even mid-answer), when the backend took no work (its 4xx or 503), or when the
 request was withdrawn before the backend began (its 409 `withdrawn`). A client that hangs up after the
 backend began is charged, whether or not its answer had started.
-
-A small answer of known length is read whole and sent in one piece: the fewest sends, and a body the
-upstream cuts short is still a clean 502. Others stream as they arrive.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
-from starlette.types import Send
-
-from gateway.config import Plan
-from gateway.errors import BadGateway, asgi_headers
-from gateway.forward import UpstreamAnswer
-from gateway.headers import rate_limit_headers
-from gateway.identity import Identity
-from gateway.requestlog import RequestRecord
-from gateway.shedding import Slot
+from gateway.admission.identity import Identity
+from gateway.admission.ratelimit_headers import rate_limit_headers
+from gateway.admission.shedding import Slot
+from gateway.config.quotas import Plan
+from gateway.http.services import Services
+from gateway.observe.requestlog import RequestRecord
 from limits import Decision, Lease
 
-if TYPE_CHECKING:
-    from gateway.app import Services
-
-log = logging.getLogger("quotagate.relay")
+log = logging.getLogger("quotagate.charge")
 
 
 class Charge:
@@ -45,7 +34,8 @@ class Charge:
         decision: Decision | None,  # None: admitted while Redis could not decide; nothing was charged
         record: RequestRecord,
         slot: Slot,
-        lease: Lease | None = None,  # the account's concurrent place (gateway/concurrency.py), if its plan has one
+        lease: Lease
+        | None = None,  # the account's concurrent place (gateway/admission/concurrency.py), if its plan has one
     ) -> None:
         limit_headers = rate_limit_headers(plan.limits, decision) if decision is not None else {}
         self.headers = {**limit_headers, "X-Request-Id": record.request_id}
@@ -98,37 +88,3 @@ class Charge:
             services.metrics.in_flight.labels(self._plan.name).dec()
             services.metrics.requests.labels(self._plan.name, self._route, outcome).inc()
             self.record.outcome = outcome
-
-
-# Answers with a known length up to this size are read whole and sent in one piece; longer ones,
-# and those of unknown length, are streamed as they arrive.
-WHOLE_BODY_LIMIT = 1 << 20
-
-
-class CutShort(Exception):
-    """The upstream broke off its answer after the client had its head: the client's answer is cut short too."""
-
-
-async def relay(answer: UpstreamAnswer, headers: Mapping[str, str], send: Send) -> None:
-    """Send `answer` to the client, with `headers` (ours) in place of any the upstream sent of the same name.
-
-    BadGateway if the upstream breaks off before anything was sent (the caller answers instead);
-    CutShort if it breaks off once the head has gone out.
-    """
-    ours = asgi_headers(headers)
-    taken = {name for name, _ in ours}
-    head = [(name, value) for name, value in answer.raw_headers if name not in taken] + ours
-    length = answer.content_length
-    if length is not None and length <= WHOLE_BODY_LIMIT:
-        body = await answer.read()
-        head.append((b"content-length", str(len(body)).encode("latin-1")))
-        await send({"type": "http.response.start", "status": answer.status, "headers": head})
-        await send({"type": "http.response.body", "body": body})
-        return
-    await send({"type": "http.response.start", "status": answer.status, "headers": head})
-    try:
-        async for chunk in answer.chunks():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    except BadGateway as exc:
-        raise CutShort(exc.message) from exc
-    await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from gateway import idempotency
-from gateway.config import Plan
+from gateway.admission import idempotency
+from gateway.admission.identity import Identity
+from gateway.admission.ratelimit_headers import rate_limit_headers, retry_after
+from gateway.admission.storefailure import StoreGuard
+from gateway.config.quotas import Plan
 from gateway.errors import ApiError, BadRequest, QuotaExceeded, RateLimited, ServiceUnavailable
-from gateway.headers import rate_limit_headers, retry_after
-from gateway.identity import Identity
-from gateway.storefailure import StoreGuard
 from limits import Bucket, Decision, LimitsError
 
 

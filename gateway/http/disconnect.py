@@ -22,7 +22,7 @@ is complete is never cancelled nor counted as gone, even if the last send yields
 
 While `watch.on_gone` is set, a client leaving calls it instead of cancelling the task: the proxy sets it
 while it waits for the backend's answer, so that it withdraws the request and still learns, from that
-answer, whether the backend had begun (gateway/proxy.py).
+answer, whether the backend had begun (gateway/http/proxy.py).
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway.config import Config, Plan
-from gateway.identity import KeyStore
-from gateway.usage import limits_view
+from gateway.admission.identity import KeyStore
+from gateway.admission.usage import limits_view
+from gateway.config.quotas import Config, Plan
 from limits import Engine
 
 

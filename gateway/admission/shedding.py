@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 
-from gateway.config import PoolPolicy
+from gateway.config.quotas import PoolPolicy
 from gateway.errors import Overloaded
 
 RETRY_AFTER_S = (1, 5)

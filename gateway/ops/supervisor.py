@@ -1,7 +1,7 @@
 """`quotagate serve`: uvicorn, except that SIGHUP reloads the quota file in every worker.
 
 uvicorn's supervisor answers SIGHUP by replacing each worker process; the gateway reloads its
-config in place instead (gateway/reload.py), so connections and requests in flight are untouched
+config in place instead (gateway/config/reload.py), so connections and requests in flight are untouched
 and a bad file is refused without restarting anything.
 """
 
@@ -27,7 +27,7 @@ class _ReloadingSupervisor(Multiprocess):
 
 
 # uvicorn's own X-Forwarded-For rewriting is off: the gateway believes it only from
-# QUOTAGATE_TRUSTED_PROXIES (gateway/peers.py), and must see the socket's peer to decide that.
+# QUOTAGATE_TRUSTED_PROXIES (gateway/admission/peers.py), and must see the socket's peer to decide that.
 PROXY_HEADERS = False
 
 

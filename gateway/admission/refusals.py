@@ -12,11 +12,10 @@ the gateway gives, to the clients that keep asking most (a surge of free account
 
 from __future__ import annotations
 
-from gateway.admission import refusal
-from gateway.config import Plan
+from gateway.admission.decision import refusal
+from gateway.config.quotas import Plan
 from gateway.errors import RawAnswer
-from limits import Decision
-from limits.nearcache import DenialCache
+from limits import Decision, DenialCache
 
 
 class Refusals:

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from gateway.config.addresses import Network, Origin, parse_networks
 from gateway.errors import ConfigError
-from gateway.logs import FLUSH_AFTER
-from gateway.logs import FORMATS as LOG_FORMATS
-from gateway.peers import Network, parse_networks
-from gateway.upstream_client import Origin
+from gateway.observe.logs import FLUSH_AFTER
+from gateway.observe.logs import FORMATS as LOG_FORMATS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,7 +36,7 @@ class Settings:
     log_format: str = "auto"  # json, text, or auto: text on a terminal, else JSON
     log_prompts: bool = False  # prompts are users' words: kept out of the logs unless asked for
     log_flush: float = FLUSH_AFTER  # seconds a log line may wait to go out with others; 0: at the loop turn's end
-    # Identity and trust (gateway/identity.py, gateway/peers.py, gateway/authguard.py).
+    # Identity and trust (gateway/admission/identity.py, gateway/admission/peers.py, gateway/admission/authguard.py).
     key_cache_ttl: float = 60.0  # seconds; invalidations make changes visible at once, this bounds the rest
     trusted_proxies: tuple[Network, ...] = ()
     account_header: str = "X-Quotagate-Account"

@@ -13,18 +13,16 @@ import secrets
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from gateway import idempotency
-from gateway.admission import admit
-from gateway.caller import identify
-from gateway.config import Plan, Route
-from gateway.cost import request_cost
-from gateway.disconnect import CancelOnDisconnect
+from gateway.admission import idempotency
+from gateway.admission.cost import request_cost
+from gateway.admission.decision import admit
+from gateway.admission.identity import Identity
+from gateway.config.quotas import Plan, Route
 from gateway.errors import (
     ApiError,
     BadGateway,
@@ -40,16 +38,15 @@ from gateway.errors import (
     ServiceUnavailable,
     Unauthorized,
 )
-from gateway.forward import UpstreamAnswer, upstream_headers
-from gateway.identity import Identity
-from gateway.metrics import NO_PLAN
-from gateway.relay import Charge, CutShort, relay
-from gateway.requestheaders import header_fields
-from gateway.requestlog import RequestRecord, begin, prompt_of, since_ms, write
+from gateway.http.charge import Charge
+from gateway.http.disconnect import CancelOnDisconnect
+from gateway.http.relay import CutShort, relay
+from gateway.http.request_headers import header_fields
+from gateway.http.services import Services
+from gateway.observe.metrics import NO_PLAN
+from gateway.observe.requestlog import RequestRecord, begin, prompt_of, since_ms, write
+from gateway.upstream.forward import UpstreamAnswer, upstream_headers
 from limits import DailyQuota, Decision, Lease, LimitsError
-
-if TYPE_CHECKING:
-    from gateway.app import Services
 
 # The status nginx logs for "the client closed the connection before the answer"; no one reads it.
 CLIENT_CLOSED = 499
@@ -95,7 +92,7 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
     config = services.config
     plan_label = NO_PLAN
     try:
-        identity = await identify(request.headers, request.peer, services)
+        identity = await services.caller.identify(request.headers, request.peer)
         record.account = identity.account
         plan = config.plan_at(identity.plan, time.time())  # a temporary override lapses by itself
         if plan is None:

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.errors import ApiError
-from gateway.logs import direct_handler
+from gateway.observe.logs import direct_handler
 
 log = logging.getLogger("quotagate.request")
 

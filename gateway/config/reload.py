@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from gateway.config import Config, parse_config, read_config_text
+from gateway.config.quotas import Config, parse_config, read_config_text
 from gateway.errors import ConfigError
-from gateway.metrics import GatewayMetrics
+from gateway.observe.metrics import GatewayMetrics
 
 log = logging.getLogger("quotagate.reload")
 

@@ -1,7 +1,7 @@
 """Load the quota YAML (config/quotas.yaml) into frozen values, once per load.
 
 Unknown keys are refused, and every error reads `file:line: field: problem`. URLs, ports and
-secrets are not here: they are environment settings (gateway/settings.py).
+secrets are not here: they are environment settings (gateway/config/settings.py).
 
 A temporary override replaces a plan's daily quota or rate until a set instant, then lapses by
 itself: the limits in force are a function of the time (`Config.plan_at`), so no reload is needed.
@@ -42,7 +42,7 @@ class Plan:
     limits: LimitSet
     # on_store_failure: open admits within this per-replica budget while Redis cannot decide; None: closed (503).
     store_failure_budget: Bucket | None = None
-    # Requests of one account in flight at once, across every replica (gateway/concurrency.py); None: no limit.
+    # Requests of one account in flight at once, across every replica (admission/concurrency.py); None: no limit.
     concurrency: int | None = None
 
 
@@ -64,8 +64,8 @@ class PoolPolicy:
     """How this gateway process treats one upstream pool (`pools:` in the YAML; defaults below).
 
     At most `max_in_flight` requests at once; plans of the lowest priority may use only the share
-    `1 - reserved_for_paid` of them, so paid plans keep the rest (gateway/shedding.py). An upstream
-    that fails `eject_after` times in a row is set aside for `eject_for` seconds (gateway/forward.py).
+    `1 - reserved_for_paid` of them, so paid plans keep the rest (gateway/admission/shedding.py). An upstream
+    that fails `eject_after` times in a row is set aside for `eject_for` seconds (gateway/upstream/forward.py).
     """
 
     max_in_flight: int = 256

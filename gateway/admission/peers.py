@@ -10,20 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from gateway.errors import ConfigError
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_networks(text: str, *, setting: str = "QUOTAGATE_TRUSTED_PROXIES") -> tuple[Network, ...]:
-    """`10.0.0.0/8, 127.0.0.1` → networks; ConfigError naming the entry that is not one."""
-    networks = []
-    for entry in text.replace(",", " ").split():
-        try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
-        except ValueError as exc:
-            raise ConfigError(f"{setting}: {entry!r} is not an IP address or CIDR network") from exc
-    return tuple(networks)
+from gateway.config.addresses import Network
 
 
 class TrustedProxies:

@@ -16,13 +16,13 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from gateway.accounts import Accounts, UnknownAccount
-from gateway.config import Config, load_config
-from gateway.datadir import DataDir
+from gateway.admission.identity import KeyStore
+from gateway.config.quotas import Config, load_config
+from gateway.config.settings import Settings
 from gateway.errors import ConfigError
-from gateway.identity import KeyStore
-from gateway.metrics import shared_across_workers
-from gateway.settings import Settings
+from gateway.observe.metrics import shared_across_workers
+from gateway.ops.accounts import Accounts, UnknownAccount
+from gateway.ops.datadir import DataDir
 from limits import Engine, LimitsError, connect
 
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from gateway.stack import up
+    from gateway.ops.stack import up
 
     data = DataDir.resolve(args.data_dir)
     return up(
@@ -49,7 +49,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.supervisor import serve
+    from gateway.ops.supervisor import serve
 
     overrides = {
         "QUOTAGATE_CONFIG": args.config,
@@ -70,7 +70,7 @@ def _admin_api(args: argparse.Namespace, settings: Settings) -> Iterator[None]:
     if args.admin_port is None:
         yield
         return
-    from gateway.admin import TOKEN_ENV, AdminServer, check_token
+    from gateway.ops.admin import TOKEN_ENV, AdminServer, check_token
 
     token = check_token(os.environ.get(TOKEN_ENV))
     server = AdminServer(settings, token, host=args.admin_host, port=args.admin_port)

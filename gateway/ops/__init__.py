@@ -1,0 +1,1 @@
+"""Running it: the command line, the worker supervisor, the local stack, the admin API and account operations."""
