@@ -9,12 +9,8 @@ import base64
 import contextlib
 import io
 import json
-import queue
 import signal
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,18 +21,31 @@ import redis
 from PIL import Image
 
 from tests.ports import free_port
+from tests.support.processes import BIN, ROOT, Service, ServiceSet
 
-BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
 START_TIMEOUT = 300.0
 
 
 @dataclass
 class Stack:
-    process: subprocess.Popen[str]
-    url: str
+    service: Service
     data_dir: Path
-    output: list[str]
     admin_url: str
+
+    @property
+    def url(self) -> str:
+        return self.service.url
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.service.process
+
+    @property
+    def output(self) -> list[str]:
+        """What `quotagate up` printed so far, line by line."""
+        return self.service.logged().splitlines(keepends=True)
 
     def keys_from_banner(self) -> dict[str, str]:
         keys = {}
@@ -50,45 +59,15 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("stack")
-    port, admin_port = free_port(), free_port()
-    repo = Path(__file__).resolve().parent.parent
-    process = subprocess.Popen(
-        [
-            BIN / "quotagate",
-            "up",
-            "--config",
-            repo / "config/quotas.yaml",
-            "--port",
-            str(port),
-            "--data-dir",
-            data_dir,
-            "--admin-port",
-            str(admin_port),
-        ],  # fmt: skip
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or ()], daemon=True)
-    reader.start()
-    stack = Stack(process, f"http://127.0.0.1:{port}", data_dir, [], f"http://127.0.0.1:{admin_port}")
-    deadline = time.monotonic() + START_TIMEOUT
-    while not any("Ctrl-C stops everything" in line for line in stack.output):
-        assert time.monotonic() < deadline and process.poll() is None, "".join(stack.output)
-        with contextlib.suppress(queue.Empty):
-            stack.output.append(lines.get(timeout=1))
-    yield stack
-    if process.poll() is None:  # a test failed before Ctrl-C: stop the whole stack, not just its supervisor
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    reader.join(10)
-    if process.stdout is not None:
-        process.stdout.close()
+    admin_port = free_port()
+    services = ServiceSet(tmp_path_factory.mktemp("stack-logs"))
+    up = services.up(ROOT / "config/quotas.yaml", data_dir, admin_port)
+    try:
+        up.wait_logged("Ctrl-C stops everything", timeout=START_TIMEOUT)
+        yield Stack(up, data_dir, f"http://127.0.0.1:{admin_port}")
+    finally:
+        # A test failed before Ctrl-C: stop the whole stack, not just its supervisor.
+        up.stop(signal.SIGINT, timeout=60)
 
 
 @contextlib.contextmanager

@@ -6,30 +6,17 @@ limit is wide, so that the daily quota is what an adversarial client meets.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.admission.identity import KeyStore
-from limits import connect
-from tests.reliability.processes import SECRET, ServiceSet
+from tests.support.keys import new_key
+from tests.support.processes import ServiceSet
+from tests.support.quotas import plan, quota_file, quotas_yaml
 
 DAILY_IMAGES = 3
-QUOTAS = f"""\
-timezone: UTC
-plans:
-  free:
-    priority: 0
-    daily_images: {DAILY_IMAGES}
-    rate: {{images: 6000, per: minute, burst: 1000}}
-    concurrency: 2
-routes:
-  - path: /v1/images/generations
-    upstream: diffusion
-    cost: images
-"""
+QUOTAS = quotas_yaml(plan("free", daily=DAILY_IMAGES, rate=6000, burst=1000, concurrency=2))
 # One small size, two steps: an image in ~50 ms, so that a run holds many requests.
 BACKEND_ARGS = ("--sizes", "64x64", "--default-size", "64x64", "--max-n", "2", "--default-steps", "2")
 # Seconds a request body may take: short, so that a stalled body is answered 408 soon.
@@ -44,15 +31,7 @@ class Stack:
 
     def new_key(self, account: str) -> str:
         """A fresh API key of `account` on the free plan."""
-
-        async def create() -> str:
-            redis = connect(self.redis_url)
-            try:
-                return await KeyStore(redis, SECRET.encode()).create_key(account, "free")
-            finally:
-                await redis.aclose()
-
-        return asyncio.run(create())
+        return new_key(self.redis_url, account, "free")
 
 
 @contextmanager
@@ -60,8 +39,7 @@ def running_stack(redis_url: str, tmp: Path) -> Iterator[Stack]:
     """The backend and a gateway over `redis_url`, each ready; stopped at exit."""
     services = ServiceSet(tmp)
     try:
-        quotas = tmp / "quotas.yaml"
-        quotas.write_text(QUOTAS)
+        quotas = quota_file(tmp, QUOTAS)
         backend = services.backend(Path("tiny"), "--data-dir", str(tmp / "backend"), *BACKEND_ARGS)
         gateway = services.gateway("gateway", quotas, redis_url, backend.url, {"QUOTAGATE_BODY_TIMEOUT": BODY_TIMEOUT})
         gateway.wait_ready()

@@ -15,9 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.gateway.serve import GatewayProcess
+from tests.adversarial.gateways import served
+from tests.support.keys import new_key
+from tests.support.processes import Service
+from tests.support.quotas import IMAGES
 
-from .gateways import IMAGES, new_key, served
+pytestmark = pytest.mark.slow
 
 # Two failures a minute from one address: the third is refused, and stays refused for ~30 s.
 FAILURES_PER_MINUTE = 2
@@ -41,7 +44,7 @@ class Keys:
 
 
 @pytest.fixture
-def gateway(redis_url: str, tmp_path: Path) -> Iterator[tuple[GatewayProcess, Keys]]:
+def gateway(redis_url: str, tmp_path: Path) -> Iterator[tuple[Service, Keys]]:
     env = {"QUOTAGATE_AUTH_FAILURES_PER_MINUTE": str(FAILURES_PER_MINUTE)}
     with served(redis_url, tmp_path, env) as (gateway, _):
         yield gateway, Keys(redis_url)
@@ -55,7 +58,7 @@ attempts = st.lists(
 )
 
 
-def test_good_keys_pass_from_an_address_blocked_for_failures(gateway: tuple[GatewayProcess, Keys]) -> None:
+def test_good_keys_pass_from_an_address_blocked_for_failures(gateway: tuple[Service, Keys]) -> None:
     process, keys = gateway
     tally: Counter[str] = Counter()
     with httpx.Client(base_url=process.url, timeout=30) as client:

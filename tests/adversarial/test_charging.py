@@ -14,30 +14,22 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 
 from tests.adversarial.charging_upstream import ChargingUpstream
-from tests.adversarial.gateways import IMAGES, new_key
-from tests.gateway.conftest import serve_in_thread
-from tests.gateway.serve import GatewayProcess, gateway_processes
+from tests.support.keys import new_key
+from tests.support.processes import Service, gateway_processes
+from tests.support.quotas import IMAGES, plan, quota_file, quotas_yaml
+from tests.support.upstream import serve_in_thread
 
-QUOTAS = """\
-timezone: UTC
-plans:
-  free:
-    priority: 0
-    daily_images: 10
-    rate: {images: 600, per: minute, burst: 100}
-routes:
-  - path: /v1/images/generations
-    upstream: diffusion
-    cost: images
-"""
+pytestmark = pytest.mark.slow
+
+QUOTAS = quotas_yaml(plan("free", daily=10, rate=600, burst=100))
 
 
 @contextmanager
-def served(redis_url: str, tmp_path: Path) -> Iterator[tuple[GatewayProcess, ChargingUpstream, str]]:
-    quotas = tmp_path / "quotas.yaml"
-    quotas.write_text(QUOTAS)
+def served(redis_url: str, tmp_path: Path) -> Iterator[tuple[Service, ChargingUpstream, str]]:
+    quotas = quota_file(tmp_path, QUOTAS)
     upstream = ChargingUpstream()
     with (
         serve_in_thread(upstream.app()) as url,
@@ -46,13 +38,13 @@ def served(redis_url: str, tmp_path: Path) -> Iterator[tuple[GatewayProcess, Cha
         yield gateway, upstream, url
 
 
-def used(gateway: GatewayProcess, key: str) -> int:
+def used(gateway: Service, key: str) -> int:
     quota = httpx.get(gateway.url + "/v1/quota", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
     (daily,) = (limit for limit in quota["limits"] if limit["kind"] == "daily")
     return int(daily["used"])
 
 
-def settled(gateway: GatewayProcess, outcome: str) -> None:
+def settled(gateway: Service, outcome: str) -> None:
     """Wait until the gateway has counted one request ended with `outcome` (its charge is settled by then)."""
     deadline = time.monotonic() + 60
     while (gateway.metric("quotagate_requests_total", outcome=outcome, plan="free", route=IMAGES) or 0) < 1:

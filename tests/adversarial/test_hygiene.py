@@ -12,16 +12,20 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.ops.embedded_redis import RedisServer
-from tests.gateway.conftest import QUOTAS
-from tests.gateway.serve import gateway_processes
+from tests.adversarial.gateways import served
 from tests.ports import free_port
+from tests.support.keys import new_key
+from tests.support.processes import gateway_processes
+from tests.support.quotas import IMAGES, quota_file
 
-from .gateways import IMAGES, new_key, served
 from .wire import exchange, request_bytes
+
+pytestmark = pytest.mark.slow
 
 EXAMPLES = settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 BODY = json.dumps({"prompt": "a lighthouse", "n": 1}).encode()
@@ -53,8 +57,7 @@ def test_readyz_names_no_internal_address_when_redis_is_down(tmp_path: Path) -> 
     port = free_port()
     redis = RedisServer(tmp_path / "redis", port=port)
     redis.start()
-    quotas = tmp_path / "quotas.yaml"
-    quotas.write_text(QUOTAS)
+    quotas = quota_file(tmp_path)
     try:
         with gateway_processes(1, quotas, redis.url, "http://127.0.0.1:9", tmp_path) as (gateway,):
             redis.stop()

@@ -28,6 +28,8 @@ from .ledger import Ledger, read_ledger, settled
 from .mix import Client, Leaving, Received, generation
 from .stack import DAILY_IMAGES, Stack, running_stack
 
+pytestmark = pytest.mark.slow
+
 PLAN = "free"
 RUNS = settings(
     max_examples=15, stateful_step_count=12, deadline=None, database=None, suppress_health_check=list(HealthCheck)

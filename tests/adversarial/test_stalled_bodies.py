@@ -17,53 +17,31 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.adversarial.gateways import IMAGES, new_key
 from tests.adversarial.wire import RawAnswer
-from tests.gateway.conftest import StubUpstream, serve_in_thread
-from tests.gateway.serve import GatewayProcess, gateway_processes
+from tests.support.keys import new_key
+from tests.support.processes import Service, gateway_processes
+from tests.support.quotas import IMAGES, plan, quota_file, quotas_yaml
+from tests.support.upstream import StubUpstream, serve_in_thread
+
+pytestmark = pytest.mark.slow
 
 POOL_PLACES = 8
 FREE_CONCURRENCY = 2
 HOG_CONNECTIONS = 40
 REFUSALS = {(429, "concurrency_limit_exceeded"), (503, "overloaded")}
 
-QUOTAS = f"""\
-timezone: UTC
-plans:
-  free:
-    priority: 0
-    daily_images: 100
-    rate: {{images: 6000, per: minute, burst: 1000}}
-    concurrency: {FREE_CONCURRENCY}
-routes:
-  - path: {IMAGES}
-    upstream: diffusion
-    cost: images
-pools:
-  diffusion: {{max_in_flight: {POOL_PLACES}, reserved_for_paid: 0}}
-"""
+QUOTAS = quotas_yaml(
+    plan("free", daily=100, rate=6000, burst=1000, concurrency=FREE_CONCURRENCY),
+    pool=f"max_in_flight: {POOL_PLACES}, reserved_for_paid: 0",
+)
 
 # The same pool of one place, with no per-account limit: only the body deadline can give the place back.
-ONE_PLACE = f"""\
-timezone: UTC
-plans:
-  free:
-    priority: 0
-    daily_images: 100
-    rate: {{images: 6000, per: minute, burst: 1000}}
-routes:
-  - path: {IMAGES}
-    upstream: diffusion
-    cost: images
-pools:
-  diffusion: {{max_in_flight: 1, reserved_for_paid: 0}}
-"""
+ONE_PLACE = quotas_yaml(plan("free", daily=100, rate=6000, burst=1000), pool="max_in_flight: 1, reserved_for_paid: 0")
 
 
 @contextmanager
-def served(redis_url: str, tmp_path: Path, quotas: str, body_timeout: float) -> Iterator[GatewayProcess]:
-    path = tmp_path / "quotas.yaml"
-    path.write_text(quotas)
+def served(redis_url: str, tmp_path: Path, quotas: str, body_timeout: float) -> Iterator[Service]:
+    path = quota_file(tmp_path, quotas)
     stub = StubUpstream()
     with (
         serve_in_thread(stub.app()) as stub.url,
@@ -127,7 +105,7 @@ def answers_from(sockets: list[socket.socket], count: int) -> dict[socket.socket
     return answers
 
 
-def generate(gateway: GatewayProcess, key: str) -> httpx.Response:
+def generate(gateway: Service, key: str) -> httpx.Response:
     return httpx.post(
         gateway.url + IMAGES, headers={"Authorization": f"Bearer {key}"}, json={"prompt": "cake", "n": 1}, timeout=20
     )

@@ -15,18 +15,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.gateway.conftest import StubUpstream
-from tests.gateway.serve import GatewayProcess
+from tests.adversarial.gateways import served
+from tests.support.keys import new_key
+from tests.support.processes import Service
+from tests.support.quotas import IMAGES
+from tests.support.upstream import StubUpstream
 
-from .gateways import IMAGES, new_key, served
 from .wire import exchange, request_bytes
+
+pytestmark = pytest.mark.slow
 
 EXAMPLES = settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 BODY = json.dumps({"prompt": "a lighthouse", "n": 1}).encode()
 
 
 @pytest.fixture
-def gateway(redis_url: str, tmp_path: Path) -> Iterator[tuple[GatewayProcess, StubUpstream, str]]:
+def gateway(redis_url: str, tmp_path: Path) -> Iterator[tuple[Service, StubUpstream, str]]:
     """A gateway that trusts this host as an auth proxy (so its account header would count), and a `pro` key.
 
     The failed-authentication guard is off, so that every answer shows what the trailer alone did.
@@ -54,7 +58,7 @@ def cut(body: bytes, at: list[int]) -> list[bytes]:
 
 
 def test_identity_sent_only_in_a_trailer_is_never_believed(
-    gateway: tuple[GatewayProcess, StubUpstream, str],
+    gateway: tuple[Service, StubUpstream, str],
 ) -> None:
     process, stub, key = gateway
     identities = {"authorization": ("Authorization", f"Bearer {key}"), "account": ("X-Quotagate-Account", "ann")}

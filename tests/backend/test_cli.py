@@ -47,6 +47,7 @@ def test_serve_refuses_bad_settings_with_exit_2(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_served_over_real_http_the_openai_client_gets_images(tiny_model_dir: Path) -> None:
     port = free_port()
     command = [

@@ -15,14 +15,15 @@ import pytest
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
-from gateway.admission.identity import KeyStore
 from gateway.config.quotas import parse_config
 from gateway.ops.admin import create_admin_app
 from limits import Engine
 from tests.ports import free_port
-
-from .conftest import QUOTAS, SECRET, StubUpstream, settings_for
-from .serve import gateway_processes
+from tests.support.keys import SECRET, key_store
+from tests.support.processes import gateway_processes
+from tests.support.quotas import QUOTAS
+from tests.support.settings import settings_for
+from tests.support.upstream import StubUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -41,7 +42,7 @@ def admin(redis_url: str, quota_file: Path) -> Iterator[TestClient]:
 @pytest.fixture
 async def accounts(redis_client: Redis) -> dict[str, str]:
     """Keys of `ann` (free) and `pia` (pro)."""
-    store = KeyStore(redis_client, SECRET)
+    store = key_store(redis_client)
     return {"ann": await store.create_key("ann", "free"), "pia": await store.create_key("pia", "pro")}
 
 
@@ -98,6 +99,7 @@ async def test_no_token_no_answer(admin: TestClient, accounts: dict[str, str], h
         assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
 
 
+@pytest.mark.slow
 async def test_the_admin_api_has_its_own_port_and_never_the_public_one(
     tmp_path: Path, quota_file: Path, redis_url: str, upstream: StubUpstream, accounts: dict[str, str]
 ) -> None:
@@ -118,6 +120,7 @@ async def test_the_admin_api_has_its_own_port_and_never_the_public_one(
     assert TOKEN not in gateway.logged()
 
 
+@pytest.mark.slow
 def test_an_admin_port_without_a_token_is_refused_at_start(quota_file: Path, redis_url: str) -> None:
     refused = _quotagate(
         "serve", "--config", str(quota_file), "--redis-url", redis_url, "--upstream", "diffusion=http://127.0.0.1:9",
@@ -134,6 +137,7 @@ def _quotagate(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     return subprocess.run(command, capture_output=True, text=True, env=environ, timeout=60)
 
 
+@pytest.mark.slow
 async def test_usage_grant_and_reset_commands(
     quota_file: Path, redis_url: str, redis_client: Redis, accounts: dict[str, str]
 ) -> None:
@@ -153,6 +157,7 @@ async def test_usage_grant_and_reset_commands(
     assert pro.returncode == 1 and "the pro plan has no daily limit" in pro.stderr
 
 
+@pytest.mark.slow
 def test_config_check_answers_in_json_too(tmp_path: Path, quota_file: Path) -> None:
     ok = _quotagate("config", "check", str(quota_file), "--json")
     assert ok.returncode == 0
@@ -175,6 +180,7 @@ def test_config_check_answers_in_json_too(tmp_path: Path, quota_file: Path) -> N
             assert refused.stderr.strip() == f"quotagate: {problem}"
 
 
+@pytest.mark.slow
 async def test_the_admin_api_follows_the_quota_file_and_keeps_the_last_good_one(
     admin: TestClient, quota_file: Path, accounts: dict[str, str]
 ) -> None:

@@ -9,8 +9,7 @@ import pytest
 from gateway.config.quotas import PoolPolicy, load_config, parse_config
 from gateway.errors import ConfigError
 from limits import Bucket
-
-from .conftest import QUOTAS
+from tests.support.quotas import QUOTAS
 
 
 def test_shipped_config_loads_with_free_at_three_images_a_day(repo_root: Path) -> None:

@@ -9,8 +9,7 @@ import pytest
 from gateway.admission.cost import request_cost
 from gateway.config.quotas import parse_config
 from gateway.errors import BadRequest
-
-from .conftest import QUOTAS
+from tests.support.quotas import QUOTAS
 
 WEIGHTED = QUOTAS.replace(
     "    cost: images\n", "    cost: images\n    size_weights: {256x256: 1, 512x512: 2, 1024x1024: 4}\n"

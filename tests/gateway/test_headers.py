@@ -12,14 +12,14 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
-from gateway.admission.identity import KeyStore
 from gateway.admission.ratelimit_headers import DAILY_RESET_SPREAD_S, duration, retry_after
 from gateway.app import create_app
 from gateway.config.quotas import Config
 from limits import Bucket, DailyQuota, LimitSet
 from tests.conftest import MakeEngine
-
-from .conftest import SECRET, StubUpstream, settings_for
+from tests.support.keys import key_store
+from tests.support.settings import settings_for
+from tests.support.upstream import StubUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -75,7 +75,7 @@ def _ietf(field: str, name: str) -> dict[str, int]:
 async def test_answers_carry_openai_fields_and_a_refusal_retries_after_the_reset(
     client: TestClient, redis_client: Redis
 ) -> None:
-    key = await KeyStore(redis_client, SECRET).create_key("ann", "free")
+    key = await key_store(redis_client).create_key("ann", "free")
     headers = {"Authorization": f"Bearer {key}"}
     served = client.post(PATH, json={"prompt": "x", "n": 2}, headers=headers)
     assert served.status_code == 200
@@ -98,7 +98,7 @@ async def test_answers_carry_openai_fields_and_a_refusal_retries_after_the_reset
 
 
 async def test_a_plan_without_a_daily_limit_has_no_images_fields(client: TestClient, redis_client: Redis) -> None:
-    key = await KeyStore(redis_client, SECRET).create_key("pat", "pro")
+    key = await key_store(redis_client).create_key("pat", "pro")
     served = client.post(PATH, json={"prompt": "x"}, headers={"Authorization": f"Bearer {key}"})
     assert served.headers["x-ratelimit-limit-requests"] == "100"
     assert "x-ratelimit-limit-images" not in served.headers

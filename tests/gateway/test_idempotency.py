@@ -13,12 +13,12 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
-from gateway.admission.identity import KeyStore
 from gateway.app import create_app
 from gateway.config.quotas import Config
 from limits.keys import idempotency_answer, idempotency_record
-
-from .conftest import SECRET, StubUpstream, settings_for
+from tests.support.keys import key_store
+from tests.support.settings import settings_for
+from tests.support.upstream import StubUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -40,7 +40,7 @@ def client(redis_url: str, upstream: StubUpstream, config: Config, registry: Col
 
 @pytest.fixture
 async def key(redis_client: Redis) -> str:
-    return await KeyStore(redis_client, SECRET).create_key("ann", "free")
+    return await key_store(redis_client).create_key("ann", "free")
 
 
 def post(client: TestClient | httpx.Client, key: str, idempotency_key: str | None, n: int = 1) -> httpx.Response:

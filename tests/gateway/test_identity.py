@@ -12,14 +12,13 @@ from redis.asyncio import Redis
 from gateway.admission.identity import Identity, KeyStore
 from gateway.errors import Unauthorized
 from limits.nearcache import INVALIDATIONS, follow_invalidations
-
-from .conftest import SECRET
+from tests.support.keys import key_store
 
 pytestmark = pytest.mark.anyio
 
 
 async def test_the_secret_is_never_stored_in_plain_text(redis_client: Redis) -> None:
-    key = await KeyStore(redis_client, SECRET).create_key("ann", "free")
+    key = await key_store(redis_client).create_key("ann", "free")
     _, key_id, secret = key.split("_")
     assert (await redis_client.hgetall(f"qg:key:{key_id}"))[b"account"] == b"ann"
     stored = [await redis_client.dump(name) for name in await redis_client.keys("*")]
@@ -27,21 +26,21 @@ async def test_the_secret_is_never_stored_in_plain_text(redis_client: Redis) -> 
 
 
 async def test_a_key_authenticates_to_its_account_and_plan(redis_client: Redis) -> None:
-    store = KeyStore(redis_client, SECRET)
+    store = key_store(redis_client)
     key = await store.create_key("ann", "free")
     identity = await store.authenticate(key)
     assert (identity.account, identity.plan) == ("ann", "free")
 
 
 async def test_a_key_checked_with_another_secret_fails(redis_client: Redis) -> None:
-    key = await KeyStore(redis_client, SECRET).create_key("ann", "free")
+    key = await key_store(redis_client).create_key("ann", "free")
     with pytest.raises(Unauthorized):
         await KeyStore(redis_client, b"another-secret-16-bytes-long").authenticate(key)
 
 
 async def test_without_invalidations_changes_show_after_the_ttl(redis_client: Redis) -> None:
     now = [1000.0]
-    store = KeyStore(redis_client, SECRET, cache_ttl=1.0, clock=lambda: now[0])
+    store = key_store(redis_client, cache_ttl=1.0, clock=lambda: now[0])
     key = await store.create_key("ann", "free")
     assert (await store.authenticate(key)).plan == "free"
 
@@ -57,11 +56,11 @@ async def test_without_invalidations_changes_show_after_the_ttl(redis_client: Re
 
 async def test_accounts_are_checked(redis_client: Redis) -> None:
     with pytest.raises(ValueError, match="account 'a{b}'"):
-        await KeyStore(redis_client, SECRET).create_key("a{b}", "free")
+        await key_store(redis_client).create_key("a{b}", "free")
 
 
 async def test_keys_are_listed_by_account_and_revoked_by_id(redis_client: Redis) -> None:
-    store = KeyStore(redis_client, SECRET)
+    store = key_store(redis_client)
     first, second = await store.create_key("ann", "free"), await store.create_key("ann", "free")
     await store.create_key("bob", "free")
     listed = await store.list_keys("ann")
@@ -83,7 +82,7 @@ async def test_keys_are_listed_by_account_and_revoked_by_id(redis_client: Redis)
 async def replicas(redis_url: str) -> AsyncIterator[list[KeyStore]]:
     """Two replicas' key stores, each on its own connection, following invalidations, with a TTL of an hour."""
     clients = [Redis.from_url(redis_url) for _ in range(2)]
-    stores = [KeyStore(c, SECRET, cache_ttl=3600) for c in clients]
+    stores = [key_store(c, cache_ttl=3600) for c in clients]
     stop = asyncio.Event()
     followers = [asyncio.create_task(follow_invalidations(c, stop, [s])) for c, s in zip(clients, stores, strict=True)]
 
@@ -136,7 +135,7 @@ async def test_a_plan_change_on_one_replica_reaches_the_others_cache_at_once(rep
 
 
 async def test_an_answer_read_before_an_invalidation_is_not_cached(redis_client: Redis) -> None:
-    store = KeyStore(redis_client, SECRET, cache_ttl=3600)
+    store = key_store(redis_client, cache_ttl=3600)
     key = await store.create_key("ann", "free")
     lookup = asyncio.create_task(store.authenticate(key))
     await asyncio.sleep(0)  # the lookup is now waiting on Redis
@@ -147,7 +146,7 @@ async def test_an_answer_read_before_an_invalidation_is_not_cached(redis_client:
 
 
 async def test_a_vouched_account_needs_a_plan(redis_client: Redis) -> None:
-    store = KeyStore(redis_client, SECRET)
+    store = key_store(redis_client)
     await store.set_plan("sso-user", "pro")
     assert await store.vouched("sso-user") == Identity(account="sso-user", plan="pro", key_id=None)
     with pytest.raises(Unauthorized):
@@ -157,7 +156,7 @@ async def test_a_vouched_account_needs_a_plan(redis_client: Redis) -> None:
 
 
 async def test_cached_identities_stay_out_of_the_garbage_collectors_scans(redis_client: Redis) -> None:
-    store = KeyStore(redis_client, SECRET, cache_ttl=3600)
+    store = key_store(redis_client, cache_ttl=3600)
     key = await store.create_key("ann", "free")
     accounts = [f"acct-{i}" for i in range(1000)]
     for start in range(0, len(accounts), 50):

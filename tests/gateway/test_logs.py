@@ -14,13 +14,14 @@ import pytest
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
-from gateway.admission.identity import KeyStore
 from gateway.app import create_app
 from gateway.config.quotas import Config
 from gateway.observe.logs import JsonFormatter
-
-from .conftest import QUOTAS, SECRET, StubUpstream, settings_for
-from .serve import gateway_processes
+from tests.support.keys import key_store
+from tests.support.processes import gateway_processes
+from tests.support.quotas import QUOTAS
+from tests.support.settings import settings_for
+from tests.support.upstream import StubUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -30,7 +31,7 @@ PROMPT = "a lighthouse painted by a secretive otter"
 
 @pytest.fixture
 async def free_key(redis_client: Redis) -> str:
-    return await KeyStore(redis_client, SECRET).create_key("acct-free", "free")
+    return await key_store(redis_client).create_key("acct-free", "free")
 
 
 def _send(url: str, key: str, n: int, request_id: str) -> httpx.Response:
@@ -38,6 +39,7 @@ def _send(url: str, key: str, n: int, request_id: str) -> httpx.Response:
     return httpx.post(f"{url}{PATH}", json={"prompt": PROMPT, "n": n}, headers=headers)
 
 
+@pytest.mark.slow
 async def test_each_request_is_one_json_line_without_the_key_or_the_prompt(
     tmp_path: Path, redis_url: str, upstream: StubUpstream, free_key: str
 ) -> None:
@@ -73,6 +75,7 @@ async def test_each_request_is_one_json_line_without_the_key_or_the_prompt(
     assert all(line["level"] == "info" and line["ts"].endswith("Z") for line in requests.values())
 
 
+@pytest.mark.slow
 async def test_a_terminal_gets_plain_text(
     tmp_path: Path, redis_url: str, upstream: StubUpstream, free_key: str
 ) -> None:

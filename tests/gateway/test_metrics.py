@@ -10,8 +10,8 @@ from gateway.app import create_app
 from gateway.config.quotas import Config
 from gateway.observe.metrics import OUTCOMES, REDIS_OPERATIONS, RELOAD_RESULTS, GatewayMetrics
 from tests.ports import free_port
-
-from .conftest import StubUpstream, settings_for
+from tests.support.settings import settings_for
+from tests.support.upstream import StubUpstream
 
 PATH = "/v1/images/generations"
 A_WELL_FORMED_KEY = "qg_" + "0" * 16 + "_" + "1" * 48

@@ -13,15 +13,16 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
-from gateway.admission.identity import KeyStore
 from gateway.app import create_app
 from gateway.config.quotas import parse_config
 from gateway.config.reload import LiveConfig
 from gateway.errors import ConfigError
 from gateway.observe.metrics import GatewayMetrics
 from gateway.ops.cli import main
-
-from .conftest import QUOTAS, SECRET, StubUpstream, settings_for
+from tests.support.keys import key_store
+from tests.support.quotas import QUOTAS
+from tests.support.settings import settings_for
+from tests.support.upstream import StubUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -133,7 +134,7 @@ def test_config_check_lists_overrides_in_force_and_expired(tmp_path: Path, capsy
 
 @pytest.fixture
 async def free_key(redis_client: Redis) -> str:
-    return await KeyStore(redis_client, SECRET).create_key("acct-free", "free")
+    return await key_store(redis_client).create_key("acct-free", "free")
 
 
 def gateway(redis_url: str, upstream: StubUpstream, until: datetime) -> TestClient:

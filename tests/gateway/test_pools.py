@@ -17,15 +17,15 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
-from gateway.admission.identity import KeyStore
 from gateway.app import create_app
 from gateway.config.quotas import Config, PoolPolicy, parse_config
 from gateway.errors import BadGateway
 from gateway.upstream.client import UpstreamClient
 from gateway.upstream.forward import Forwarder
-
-from .conftest import QUOTAS, SECRET, StubUpstream, serve_in_thread, settings_for
-from .doomed_upstream import doomed
+from tests.support.keys import key_store
+from tests.support.quotas import QUOTAS
+from tests.support.settings import settings_for
+from tests.support.upstream import StubUpstream, serve_in_thread, upstream_process
 
 pytestmark = pytest.mark.anyio
 
@@ -54,7 +54,7 @@ def _until(check, what: str) -> None:  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 async def free_key(redis_client: Redis) -> str:
-    return await KeyStore(redis_client, SECRET).create_key("ann", "free")
+    return await key_store(redis_client).create_key("ann", "free")
 
 
 def _post(client: TestClient | httpx.Client, key: str, n: int = 1) -> httpx.Response:
@@ -168,9 +168,10 @@ async def test_a_client_gone_while_the_upstream_works_is_charged_once_it_answers
             assert _post(again, free_key, n=1).status_code == 429  # the day's three images are spent
 
 
+@pytest.mark.slow
 async def test_a_backend_killed_before_it_answers_is_a_502_and_refunded(redis_url: str, free_key: str) -> None:
     registry = CollectorRegistry()
-    with doomed("hold") as (backend, backend_url), ThreadPoolExecutor(1) as pool:
+    with upstream_process("hold") as (backend, backend_url), ThreadPoolExecutor(1) as pool:
         app = _app(redis_url, (backend_url,), registry)
         with TestClient(app) as client:  # type: ignore[arg-type]
             pending = pool.submit(_post, client, free_key, 2)
@@ -182,12 +183,13 @@ async def test_a_backend_killed_before_it_answers_is_a_502_and_refunded(redis_ur
     assert _refunded(registry) == 2
 
 
+@pytest.mark.slow
 async def test_a_backend_killed_mid_answer_cuts_it_short_and_is_refunded(
     redis_url: str, free_key: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="quotagate.request")
     registry = CollectorRegistry()
-    with doomed("split") as (backend, backend_url), _gateway(redis_url, (backend_url,), registry) as url:
+    with upstream_process("split") as (backend, backend_url), _gateway(redis_url, (backend_url,), registry) as url:
         headers = {"Authorization": f"Bearer {free_key}"}
         async with (
             httpx.AsyncClient(base_url=url, timeout=HANG) as client,
@@ -206,10 +208,11 @@ async def test_a_backend_killed_mid_answer_cuts_it_short_and_is_refunded(
     assert line.fields["outcome"] == "upstream_error" and line.fields["status"] == 200  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow
 async def test_a_whole_answer_cut_short_is_a_clean_502_and_refunded(redis_url: str, free_key: str) -> None:
     registry = CollectorRegistry()
     with (
-        doomed("short") as (backend, backend_url),
+        upstream_process("short") as (backend, backend_url),
         ThreadPoolExecutor(1) as pool,
         TestClient(_app(redis_url, (backend_url,), registry)) as client,  # type: ignore[arg-type]
     ):

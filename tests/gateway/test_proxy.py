@@ -10,11 +10,11 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
-from gateway.admission.identity import KeyStore
 from gateway.app import create_app
 from gateway.config.quotas import Config
-
-from .conftest import SECRET, StubUpstream, settings_for
+from tests.support.keys import key_store
+from tests.support.settings import settings_for
+from tests.support.upstream import StubUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -35,7 +35,7 @@ def client(redis_url: str, upstream: StubUpstream, config: Config, registry: Col
 
 @pytest.fixture
 async def keys(redis_client: Redis) -> dict[str, str]:
-    store = KeyStore(redis_client, SECRET)
+    store = key_store(redis_client)
     return {plan: await store.create_key(f"acct-{plan}", plan) for plan in ("free", "pro")}
 
 

@@ -10,11 +10,11 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
-from gateway.admission.identity import KeyStore
 from gateway.app import create_app
 from gateway.config.quotas import Config
-
-from .conftest import SECRET, StubUpstream, settings_for
+from tests.support.keys import key_store
+from tests.support.settings import settings_for
+from tests.support.upstream import StubUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -31,7 +31,7 @@ def client(redis_url: str, upstream: StubUpstream, config: Config) -> Iterator[T
 async def test_a_free_account_reads_what_it_used_and_when_its_day_resets(
     client: TestClient, redis_client: Redis
 ) -> None:
-    key = await KeyStore(redis_client, SECRET).create_key("ann", "free")
+    key = await key_store(redis_client).create_key("ann", "free")
     auth = {"Authorization": f"Bearer {key}"}
     assert client.post(PATH, json={"prompt": "x", "n": 2}, headers=auth).status_code == 200
 
@@ -54,7 +54,7 @@ async def test_a_free_account_reads_what_it_used_and_when_its_day_resets(
 
 
 async def test_an_unlimited_plan_still_reads_its_usage(client: TestClient, redis_client: Redis) -> None:
-    key = await KeyStore(redis_client, SECRET).create_key("pat", "pro")
+    key = await key_store(redis_client).create_key("pat", "pro")
     auth = {"Authorization": f"Bearer {key}"}
     for n in (4, 5):
         assert client.post(PATH, json={"prompt": "x", "n": n}, headers=auth).status_code == 200

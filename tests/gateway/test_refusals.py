@@ -9,14 +9,14 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
-from gateway.admission.identity import KeyStore
 from gateway.admission.refusals import Refusals
 from gateway.app import create_app
 from gateway.config.quotas import Config
 from limits.nearcache import REFRESH_S, DenialCache
 from tests.conftest import MakeEngine
-
-from .conftest import SECRET, StubUpstream, settings_for
+from tests.support.keys import key_store
+from tests.support.settings import settings_for
+from tests.support.upstream import StubUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -27,7 +27,7 @@ NOON = datetime(2026, 11, 21, 12, 0, tzinfo=UTC).timestamp()
 async def test_an_exhausted_account_is_refused_before_its_body_is_read(
     redis_url: str, redis_client: Redis, upstream: StubUpstream, config: Config
 ) -> None:
-    key = await KeyStore(redis_client, SECRET).create_key("acct-spent", "free")
+    key = await key_store(redis_client).create_key("acct-spent", "free")
     registry = CollectorRegistry()
     app = create_app(settings_for(redis_url, upstream.url, max_body_bytes=64), config, registry=registry)
     auth = {"Authorization": f"Bearer {key}"}

@@ -17,16 +17,17 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
-from gateway.admission.identity import KeyStore
 from gateway.app import create_app
 from gateway.config import reload
 from gateway.config.quotas import Config, load_config, parse_config
 from gateway.http.services import Services
+from tests.support.keys import key_store
+from tests.support.processes import Service, gateway_processes
+from tests.support.quotas import QUOTAS
+from tests.support.settings import settings_for
+from tests.support.upstream import StubUpstream
 
-from .conftest import QUOTAS, SECRET, StubUpstream, settings_for
-from .serve import GatewayProcess, gateway_processes
-
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 PATH = "/v1/images/generations"
 BODY = {"prompt": "a lighthouse", "n": 1}
@@ -56,7 +57,7 @@ def client(
 
 @pytest.fixture
 async def keys(redis_client: Redis) -> dict[str, str]:
-    store = KeyStore(redis_client, SECRET)
+    store = key_store(redis_client)
     return {plan: await store.create_key(f"acct-{plan}", plan) for plan in ("free", "pro")}
 
 
@@ -202,7 +203,7 @@ class Load:
                 self._progress.notify_all()
 
 
-async def _wait_for_version(gateways: list[GatewayProcess], version: str) -> float:
+async def _wait_for_version(gateways: list[Service], version: str) -> float:
     """Seconds until every gateway serves `version`; fails past APPLY_WITHIN."""
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=5) as client:

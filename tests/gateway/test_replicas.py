@@ -24,10 +24,12 @@ import redis
 from gateway.admission.ratelimit_headers import DAILY_RESET_SPREAD_S
 from gateway.ops.embedded_redis import RedisServer
 from limits.nearcache import INVALIDATIONS
+from tests.support.keys import SECRET
+from tests.support.processes import gateway_processes
+from tests.support.quotas import QUOTAS
+from tests.support.upstream import StubUpstream, upstream_process
 
-from .conftest import QUOTAS, SECRET, StubUpstream
-from .doomed_upstream import doomed
-from .serve import gateway_processes
+pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 PATH = "/v1/images/generations"
@@ -140,7 +142,7 @@ def test_a_backend_killed_mid_request_is_refunded_by_every_gateway(
     auth = {"Authorization": f"Bearer {key}"}
     config = Path(admin_env["QUOTAGATE_CONFIG"])
     with (
-        doomed("hold") as (backend, backend_url),
+        upstream_process("hold") as (backend, backend_url),
         gateway_processes(2, config, redis_url, backend_url, tmp_path) as gws,
     ):
         with ThreadPoolExecutor(2) as pool:

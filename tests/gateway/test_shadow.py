@@ -9,12 +9,13 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
-from gateway.admission.identity import KeyStore
 from gateway.app import create_app
 from gateway.config.quotas import parse_config
 from gateway.errors import ConfigError
-
-from .conftest import QUOTAS, SECRET, StubUpstream, settings_for
+from tests.support.keys import key_store
+from tests.support.quotas import QUOTAS
+from tests.support.settings import settings_for
+from tests.support.upstream import StubUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -70,7 +71,7 @@ def client(redis_url: str, upstream: StubUpstream, registry: CollectorRegistry) 
 
 @pytest.fixture
 async def free_key(redis_client: Redis) -> str:
-    return await KeyStore(redis_client, SECRET).create_key("acct-free", "free")
+    return await key_store(redis_client).create_key("acct-free", "free")
 
 
 def shadow(registry: CollectorRegistry, plan: str, outcome: str) -> float | None:

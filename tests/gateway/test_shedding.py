@@ -14,13 +14,14 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
-from gateway.admission.identity import KeyStore
 from gateway.admission.shedding import RETRY_AFTER_S, Shedder, Slot
 from gateway.app import create_app
 from gateway.config.quotas import PoolPolicy, parse_config
 from gateway.errors import Overloaded
-
-from .conftest import QUOTAS, SECRET, StubUpstream, serve_in_thread, settings_for
+from tests.support.keys import key_store
+from tests.support.quotas import QUOTAS
+from tests.support.settings import settings_for
+from tests.support.upstream import StubUpstream, serve_in_thread
 
 pytestmark = pytest.mark.anyio
 
@@ -74,7 +75,7 @@ def _until(check, what: str) -> None:  # type: ignore[no-untyped-def]
 async def test_under_overload_free_is_shed_while_pro_gets_through_and_shed_costs_nothing(
     redis_url: str, redis_client: Redis, upstream: StubUpstream
 ) -> None:
-    store = KeyStore(redis_client, SECRET)
+    store = key_store(redis_client)
     keys = {name: await store.create_key(name, name.split("-")[0]) for name in ("free-a", "free-b", "free-c", "pro-a")}
     config = parse_config(QUOTAS + "pools:\n  diffusion: {max_in_flight: 4, reserved_for_paid: 0.5}\n", source="q")
     settings = settings_for(redis_url, upstream.url, upstreams=MappingProxyType({"diffusion": (upstream.url,)}))
@@ -116,7 +117,7 @@ async def test_under_overload_free_is_shed_while_pro_gets_through_and_shed_costs
 async def test_a_request_refused_after_entering_the_pool_gives_its_place_back(
     redis_url: str, redis_client: Redis, upstream: StubUpstream
 ) -> None:
-    key = await KeyStore(redis_client, SECRET).create_key("free-d", "free")
+    key = await key_store(redis_client).create_key("free-d", "free")
     config = parse_config(QUOTAS + "pools:\n  diffusion: {max_in_flight: 2, reserved_for_paid: 0.5}\n", source="q")
     auth = {"Authorization": f"Bearer {key}"}
     with TestClient(create_app(settings_for(redis_url, upstream.url), config)) as client:

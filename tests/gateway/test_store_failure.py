@@ -17,7 +17,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from gateway.admission.identity import KeyStore
 from gateway.admission.storefailure import CircuitBreaker, LocalBudget, StoreGuard
 from gateway.config.quotas import parse_config
 from gateway.errors import ConfigError, ServiceUnavailable, Unauthorized
@@ -26,9 +25,10 @@ from gateway.ops.embedded_redis import RedisServer
 from limits import Bucket
 from tests.conftest import MakeEngine
 from tests.ports import free_port
-
-from .conftest import QUOTAS, SECRET, StubUpstream
-from .serve import GatewayProcess, gateway_processes
+from tests.support.keys import key_store
+from tests.support.processes import Service, gateway_processes
+from tests.support.quotas import QUOTAS
+from tests.support.upstream import StubUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -103,7 +103,7 @@ async def test_while_redis_is_away_a_replica_knows_the_identities_it_saw_until_t
     redis_client: Redis,
 ) -> None:
     breaker = CircuitBreaker(failures=1, clock=Clock())
-    store = KeyStore(redis_client, SECRET, breaker=breaker)
+    store = key_store(redis_client, breaker=breaker)
     key, other = await store.create_key("ann", "pro"), await store.create_key("bo", "pro")
     identity = await store.authenticate(key)
     store.clear()  # the invalidation subscription was lost: the cache goes...
@@ -200,17 +200,18 @@ async def own_keys(own_redis: RedisServer) -> dict[str, str]:
     """A free and a pro key, made on the test's own Redis."""
     redis = Redis.from_url(own_redis.url)
     try:
-        store = KeyStore(redis, SECRET)
+        store = key_store(redis)
         return {plan: await store.create_key(f"acct-{plan}", plan) for plan in ("free", "pro")}
     finally:
         await redis.aclose()
 
 
-async def _generate(client: httpx.AsyncClient, gateway: GatewayProcess, key: str) -> httpx.Response:
+async def _generate(client: httpx.AsyncClient, gateway: Service, key: str) -> httpx.Response:
     body = {"prompt": "a lighthouse", "n": 1}
     return await client.post(f"{gateway.url}{PATH}", json=body, headers={"Authorization": f"Bearer {key}"})
 
 
+@pytest.mark.slow
 async def test_redis_killed_and_restarted_under_both_failure_modes(
     own_redis: RedisServer, own_keys: dict[str, str], pro_open_file: Path, upstream: StubUpstream, tmp_path: Path
 ) -> None:
@@ -255,6 +256,7 @@ async def test_redis_killed_and_restarted_under_both_failure_modes(
                 assert (await _generate(client, gateway, keys["pro"])).status_code == 200
 
 
+@pytest.mark.slow
 async def test_a_hung_redis_costs_requests_a_timeout_at_most_then_the_breaker_answers(
     own_redis: RedisServer, own_keys: dict[str, str], pro_open_file: Path, upstream: StubUpstream, tmp_path: Path
 ) -> None:

@@ -11,15 +11,15 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from gateway.admission.authguard import FailedAuthGuard
-from gateway.admission.identity import KeyStore
 from gateway.admission.peers import TrustedProxies
 from gateway.app import create_app
 from gateway.config.addresses import parse_networks
 from gateway.config.quotas import Config
 from gateway.errors import ConfigError, RateLimited
 from tests.conftest import MakeEngine
-
-from .conftest import SECRET, StubUpstream, settings_for
+from tests.support.keys import key_store
+from tests.support.settings import settings_for
+from tests.support.upstream import StubUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -68,7 +68,7 @@ def _client(app: Starlette, peer: tuple[str, int]) -> TestClient:
 async def test_a_trusted_proxy_vouches_for_an_account_and_the_header_reaches_no_upstream(
     gateway: Starlette, redis_client: Redis, upstream: StubUpstream
 ) -> None:
-    await KeyStore(redis_client, SECRET).set_plan("sso-ann", "pro")
+    await key_store(redis_client).set_plan("sso-ann", "pro")
     with _client(gateway, PROXY) as client:
         answer = client.post(PATH, json={"prompt": "x"}, headers={"X-Quotagate-Account": "sso-ann"})
     assert answer.status_code == 200
@@ -78,7 +78,7 @@ async def test_a_trusted_proxy_vouches_for_an_account_and_the_header_reaches_no_
 
 
 async def test_an_account_header_from_anyone_else_is_ignored(gateway: Starlette, redis_client: Redis) -> None:
-    await KeyStore(redis_client, SECRET).set_plan("sso-ann", "pro")
+    await key_store(redis_client).set_plan("sso-ann", "pro")
     with _client(gateway, STRANGER) as client:
         answer = client.post(PATH, json={"prompt": "x"}, headers={"X-Quotagate-Account": "sso-ann"})
     assert answer.status_code == 401
@@ -87,7 +87,7 @@ async def test_an_account_header_from_anyone_else_is_ignored(gateway: Starlette,
 async def test_a_custom_account_header_is_stripped_before_the_upstream(
     redis_url: str, upstream: StubUpstream, config: Config, redis_client: Redis
 ) -> None:
-    key = await KeyStore(redis_client, SECRET).create_key("ann", "free")
+    key = await key_store(redis_client).create_key("ann", "free")
     app = _app(redis_url, upstream, config, account_header="X-Auth-User")
     with _client(app, STRANGER) as client:
         answer = client.post(
@@ -101,7 +101,7 @@ async def test_a_custom_account_header_is_stripped_before_the_upstream(
 async def test_an_address_that_keeps_failing_is_refused_on_every_replica_but_its_good_keys_get_in(
     redis_url: str, upstream: StubUpstream, config: Config, redis_client: Redis
 ) -> None:
-    key = await KeyStore(redis_client, SECRET).create_key("ann", "free")
+    key = await key_store(redis_client).create_key("ann", "free")
     bad = {"Authorization": "Bearer qg_0123456789abcdef_" + "0" * 48}
     replicas = [_app(redis_url, upstream, config, auth_failures_per_minute=3) for _ in range(2)]
     with _client(replicas[0], STRANGER) as one, _client(replicas[1], STRANGER) as other:

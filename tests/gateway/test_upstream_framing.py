@@ -11,11 +11,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from gateway.admission.identity import KeyStore
 from gateway.app import create_app
 from gateway.config.quotas import Config
+from tests.support.keys import key_store
+from tests.support.settings import settings_for
+from tests.support.upstream import serve_in_thread
 
-from .conftest import SECRET, serve_in_thread, settings_for
 from .scripted_upstream import scripted
 
 pytestmark = pytest.mark.anyio
@@ -43,7 +44,7 @@ TRAILING = {
 async def test_bytes_past_an_upstream_answer_reach_neither_its_client_nor_the_next_one(
     redis_url: str, redis_client: Redis, config: Config, trailing: bytes
 ) -> None:
-    keys = KeyStore(redis_client, SECRET)
+    keys = key_store(redis_client)
     first_user, second_user = await keys.create_key("ann", "free"), await keys.create_key("bob", "free")
     async with scripted(_answer(FIRST_BODY) + trailing, _answer(SECOND_BODY)) as upstream:
         app = create_app(settings_for(redis_url, upstream.url), config, registry=CollectorRegistry())
@@ -78,7 +79,7 @@ FAULTY = {
 async def test_a_switch_of_protocol_an_interim_flood_or_a_huge_head_is_a_clean_502_refunded(
     redis_url: str, redis_client: Redis, config: Config, answer: bytes, reason: str
 ) -> None:
-    key = await KeyStore(redis_client, SECRET).create_key("ann", "free")
+    key = await key_store(redis_client).create_key("ann", "free")
     registry = CollectorRegistry()
     async with scripted(answer) as upstream:
         app = create_app(settings_for(redis_url, upstream.url), config, registry=registry)

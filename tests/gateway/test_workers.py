@@ -15,11 +15,11 @@ from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from gateway.admission.identity import KeyStore
 from gateway.observe.metrics import MULTIPROC_ENV, shared_across_workers
-
-from .conftest import QUOTAS, SECRET, StubUpstream
-from .serve import gateway_processes
+from tests.support.keys import key_store
+from tests.support.processes import gateway_processes
+from tests.support.quotas import QUOTAS
+from tests.support.upstream import StubUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -60,10 +60,11 @@ def _scraped_allowed(text: str) -> float:
     raise AssertionError("quotagate_requests_total{outcome=allowed,plan=pro} is not exported")
 
 
+@pytest.mark.slow
 async def test_a_scrape_counts_every_workers_requests(gateway: tuple[str, Path], redis_url: str) -> None:
     url, metrics_dir = gateway
     redis = Redis.from_url(redis_url)
-    key = await KeyStore(redis, SECRET).create_key("acct-pro", "pro")
+    key = await key_store(redis).create_key("acct-pro", "pro")
     await redis.aclose()
     sent = 0
     # A new connection per request, so the kernel hands them to both workers.

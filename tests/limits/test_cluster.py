@@ -13,7 +13,7 @@ from limits import Bucket, DailyQuota, Engine, LimitSet, RedisClient, connect
 from limits.keys import counter_key, idempotency_record
 from tests.limits.cluster import LocalCluster
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 UTC = ZoneInfo("UTC")
 NOON = datetime(2026, 11, 21, 12, 0, tzinfo=UTC).timestamp()

@@ -16,6 +16,8 @@ from limits import connect
 from limits.keys import counter_key
 from tests.limits.burst import DAILY, burst
 
+pytestmark = pytest.mark.slow
+
 DECISIONS = 1000
 PROCESSES = 4
 

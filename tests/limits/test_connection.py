@@ -50,6 +50,7 @@ async def decide_with(url: str, account: str = "ann") -> int:
     return remaining
 
 
+@pytest.mark.slow
 async def test_a_password_is_sent_and_a_wrong_one_refused(tmp_path: Path) -> None:
     port = free_port()
     server = started(tmp_path, "requirepass s3cret-pass", port=port)
@@ -61,6 +62,7 @@ async def test_a_password_is_sent_and_a_wrong_one_refused(tmp_path: Path) -> Non
         server.stop()
 
 
+@pytest.mark.slow
 async def test_an_acl_user_its_database_and_its_name_are_used(tmp_path: Path) -> None:
     port = free_port()
     server = started(tmp_path, "user default off", "user gate on >gate-pass ~* &* +@all", port=port)
@@ -108,6 +110,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 async def test_tls_checks_the_servers_certificate(tmp_path: Path, certificates: Path) -> None:
     port = free_port()
     server = started(
@@ -146,6 +149,7 @@ async def test_a_redis_that_stops_answering_fails_every_waiting_call_within_the_
         await client.aclose()
 
 
+@pytest.mark.slow
 async def test_redis_restarted_under_load_and_the_engine_deciding_again(tmp_path: Path) -> None:
     server = started(tmp_path)
     client = connect(server.url, timeout=0.5)

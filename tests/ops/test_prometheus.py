@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,38 +21,26 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.admission.identity import KeyStore
 from limits import connect
 from tests.ports import free_port
-from tests.reliability.processes import ROOT, SECRET, Service, ServiceSet
+from tests.support.keys import key_store
+from tests.support.processes import ROOT, Service, ServiceSet
+from tests.support.quotas import IMAGES as PATH
+from tests.support.quotas import plan, quota_file, quotas_yaml
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 ALERTS = ROOT / "config/prometheus/alerts.yml"
 DASHBOARD = ROOT / "config/grafana/quotagate.json"
-PATH = "/v1/images/generations"
 DATA_TIMEOUT = 30.0
 # What Grafana puts in place of the dashboard's variables before it sends a query.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$plan": ".*"}
 
-QUOTAS = """\
-timezone: UTC
-plans:
-  free:
-    priority: 0
-    daily_images: 2
-    rate: {images: 6000, per: minute, burst: 1000}
-  pro:
-    priority: 10
-    daily_images: unlimited
-    rate: {images: 6000, per: minute, burst: 1000}
-routes:
-  - path: /v1/images/generations
-    upstream: diffusion
-    cost: images
-pools:
-  diffusion: {max_in_flight: 4, reserved_for_paid: 0.75}   # per worker: free may hold 1 place, pro 4
-"""
+QUOTAS = quotas_yaml(
+    plan("free", daily=2, rate=6000, burst=1000),
+    plan("pro", priority=10, daily="unlimited", rate=6000, burst=1000),
+    pool="max_in_flight: 4, reserved_for_paid: 0.75",  # per worker: free may hold 1 place, pro 4
+)
 BODY = {"prompt": "a lighthouse", "n": 1, "size": "64x64", "response_format": "b64_json"}
 SLOW = {**BODY, "size": "256x256", "steps": 4}
 
@@ -130,18 +117,16 @@ def _host(service: Service) -> str:
 
 
 @pytest.fixture
-def quotas(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "quotas.yaml"
-    path.write_text(QUOTAS)
-    yield path
+def quotas(tmp_path: Path) -> Path:
+    return quota_file(tmp_path, QUOTAS)
 
 
 async def _keys(redis_url: str) -> dict[str, str]:
     redis = connect(redis_url)
     try:
-        store = KeyStore(redis, SECRET.encode())
-        keys = {plan: await store.create_key(f"acct-{plan}", plan) for plan in ("free", "pro")}
-        return {**keys, "free-fresh": await store.create_key("acct-free-fresh", "free")}
+        store = key_store(redis)
+        made = {plan: await store.create_key(f"acct-{plan}", plan) for plan in ("free", "pro")}
+        return {**made, "free-fresh": await store.create_key("acct-free-fresh", "free")}
     finally:
         await redis.aclose()
 
@@ -193,15 +178,8 @@ async def _run(services: ServiceSet, quotas: Path, redis_url: str, prometheus_bi
         Path("tiny"), "--data-dir", str(services.tmp / "backend"),
         "--max-batch-images", "1", "--max-queue", "1", "--max-n", "1", "--max-wait-ms", "0",
     )  # fmt: skip
-    gateway = services.spawn(
-        "gateway",
-        [
-            sys.executable, "-m", "gateway.ops.cli", "serve", "--config", str(quotas), "--redis-url", redis_url,
-            "--workers", "2", "--upstream", f"diffusion={backend.url}", "--port", str(port := free_port()),
-        ],
-        port,
-        {"QUOTAGATE_KEY_SECRET": SECRET, "QUOTAGATE_CONFIG_POLL": "0.2"},
-    )  # fmt: skip
+    env = {"QUOTAGATE_CONFIG_POLL": "0.2"}
+    gateway = services.gateway("gateway", quotas, redis_url, backend.url, env, "--workers", "2")
     # A second gateway whose Redis is gone: what it is asked fails where it reaches Redis.
     orphan_config = services.tmp / "orphan.yaml"
     orphan_config.write_text(QUOTAS)

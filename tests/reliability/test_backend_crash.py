@@ -9,10 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import PATH, create_key, images_used, metric
-from .processes import Service, ServiceSet
+from tests.support.processes import Service, ServiceSet
+from tests.support.quotas import IMAGES as PATH
+from tests.support.readings import images_used, metric
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 REQUESTS = 8
 # One batch of 8 slow images (256 px, 8 steps), gathered for up to 2 s: seconds of inference to kill.
@@ -38,7 +39,7 @@ async def test_backend_killed_mid_batch_refunds_every_charge_and_the_gateway_sta
     gateway = services.gateway("gateway", quotas, redis_url, backend.url)
     gateway.wait_ready()
     backend.wait_ready("/readyz", timeout=120)
-    key = await create_key(services, redis_url, "studio", "paid")
+    key = await services.create_key(redis_url, "studio", "paid")
     body = {"prompt": "a lighthouse", "size": "256x256", "steps": 8}
 
     async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {key}"}) as client:

@@ -14,11 +14,12 @@ import httpx
 import pytest
 
 from gateway.config.quotas import load_config
+from tests.support.processes import Service, ServiceSet
+from tests.support.quotas import IMAGES as PATH
+from tests.support.quotas import RELIABILITY_QUOTAS as QUOTAS
+from tests.support.readings import metric
 
-from .conftest import PATH, QUOTAS, create_key, metric
-from .processes import Service, ServiceSet
-
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 GARBAGE = {
     "not UTF-8": b"timezone: UTC\nplans: \xff\xfe\x80\n",
@@ -51,7 +52,7 @@ async def test_garbage_quota_files_mid_load_keep_the_old_config_and_fail_no_requ
     gateway = services.gateway("gateway", quotas, redis_url, stub.url, {"QUOTAGATE_CONFIG_POLL": "0.05"})
     stub.wait_ready()
     gateway.wait_ready()
-    key = await create_key(services, redis_url, "steady", "paid")
+    key = await services.create_key(redis_url, "steady", "paid")
     before = await version(gateway)
     statuses: Counter[int] = Counter()
     stop = asyncio.Event()

@@ -23,9 +23,12 @@ from schemathesis import GenerationMode
 
 from gateway.config.quotas import load_config
 from gateway.errors import ConfigError
+from tests.support.processes import Service, ServiceSet
+from tests.support.quotas import IMAGES as PATH
+from tests.support.quotas import RELIABILITY_QUOTAS as QUOTAS
+from tests.support.readings import images_used
 
-from .conftest import PATH, QUOTAS, create_key, images_used
-from .processes import Service, ServiceSet
+pytestmark = pytest.mark.slow
 
 # Bounded: the whole file runs in seconds. No example database: every run starts fresh and the same.
 FUZZ = settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -40,7 +43,7 @@ def gateway(services: ServiceSet, quotas: Path, redis_url: str) -> Iterator[tupl
     gateway = services.gateway("gateway", quotas, redis_url, stub.url, {"QUOTAGATE_AUTH_FAILURES_PER_MINUTE": "0"})
     stub.wait_ready()
     gateway.wait_ready()
-    yield gateway, asyncio.run(create_key(services, redis_url, "fuzzer", "paid"))
+    yield gateway, asyncio.run(services.create_key(redis_url, "fuzzer", "paid"))
     assert gateway.process.poll() is None, "the gateway crashed"
 
 

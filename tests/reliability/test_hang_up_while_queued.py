@@ -16,10 +16,11 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from .conftest import PATH, create_key, images_used, metric
-from .processes import Service, ServiceSet
+from tests.support.processes import Service, ServiceSet
+from tests.support.quotas import IMAGES as PATH
+from tests.support.readings import images_used, metric
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 BLOCKERS = 3
 BLOCKER_IMAGES = 4
@@ -49,7 +50,7 @@ async def test_a_client_gone_while_queued_is_refunded_and_costs_no_image(
     gateway = services.gateway("gateway", quotas, redis_url, backend.url)
     gateway.wait_ready()
     backend.wait_ready("/readyz", timeout=120)
-    key = await create_key(services, redis_url, "ann", "free")
+    key = await services.create_key(redis_url, "ann", "free")
     queued_images = (BLOCKERS - 1) * BLOCKER_IMAGES  # one blocker runs, the others wait
 
     async with httpx.AsyncClient(timeout=120) as client:

@@ -9,10 +9,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from .conftest import PATH, create_key
-from .processes import ServiceSet
+from tests.support.processes import ServiceSet
+from tests.support.quotas import IMAGES as PATH
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 GATEWAYS = 4
 PER_GATEWAY = 500
@@ -35,7 +35,7 @@ async def test_four_gateways_and_two_thousand_concurrent_requests_admit_exactly_
     gateways = [services.gateway(f"gateway-{i}", wide_pool, redis_url, stub.url, patient) for i in range(GATEWAYS)]
     for service in [stub, *gateways]:
         service.wait_ready()
-    key = await create_key(services, redis_url, "launch-day", "free")
+    key = await services.create_key(redis_url, "launch-day", "free")
     body = {"prompt": "a lighthouse", "n": 1}
 
     # aiohttp, not httpx, as the client: a quarter of the CPU per request, and the gateways share the two cores.

@@ -21,11 +21,12 @@ from redis.asyncio import Redis
 
 from gateway.ops.embedded_redis import RedisServer
 from tests.ports import free_port
+from tests.support.processes import Service, ServiceSet
+from tests.support.quotas import IMAGES as PATH
+from tests.support.quotas import RELIABILITY_QUOTAS as QUOTAS
+from tests.support.readings import images_used
 
-from .conftest import PATH, QUOTAS, create_key, images_used
-from .processes import Service, ServiceSet
-
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 WORKERS = 8
 FSYNC_WINDOW = 2.0  # seconds of writes a crash may lose (everysec, plus one postponed fsync)
@@ -80,7 +81,7 @@ async def test_redis_killed_mid_load_loses_at_most_the_fsync_window_and_recovers
     gateway = services.gateway("gateway", quotas, redis.url, stub.url)
     stub.wait_ready()
     gateway.wait_ready()
-    key = await create_key(services, redis.url, "steady", "paid")
+    key = await services.create_key(redis.url, "steady", "paid")
     admitted_at: list[float] = []
 
     async with aiohttp.ClientSession(

@@ -14,11 +14,10 @@ import httpx
 import pytest
 
 from tests.ports import free_port
+from tests.support.processes import ServiceSet
+from tests.support.quotas import IMAGES as PATH
 
-from .conftest import PATH, create_key
-from .processes import ServiceSet
-
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 BODY = {"prompt": "a lighthouse", "n": 1}
 
@@ -35,7 +34,7 @@ async def test_client_sent_internal_headers_and_credentials_never_reach_the_back
     gateway = services.gateway("gateway", quotas, redis_url, stub.url)
     stub.wait_ready()
     gateway.wait_ready()
-    key = await create_key(services, redis_url, "sneaky", "free")
+    key = await services.create_key(redis_url, "sneaky", "free")
     forged = {
         "Authorization": f"Bearer {key}",
         "X-Quotagate-Priority": "100",
@@ -68,8 +67,8 @@ async def test_no_key_or_secret_is_logged_on_any_path(services: ServiceSet, quot
     gateway = services.gateway("gateway", quotas, redis_url, stub.url, {"QUOTAGATE_LOG_FORMAT": "json"})
     stub.wait_ready()
     gateway.wait_ready()
-    free = await create_key(services, redis_url, "free-user", "free")
-    paid = await create_key(services, redis_url, "paid-user", "paid")
+    free = await services.create_key(redis_url, "free-user", "free")
+    paid = await services.create_key(redis_url, "paid-user", "paid")
     key_id, secret = free.split("_")[1:]
     wrong_secret = f"qg_{key_id}_{secret[::-1]}"
     services.secrets += [secret, wrong_secret]
@@ -112,7 +111,7 @@ async def test_the_admin_api_refuses_without_its_token_and_is_not_on_the_public_
     )
     stub.wait_ready()
     gateway.wait_ready()
-    key = await create_key(services, redis_url, "alice", "free")
+    key = await services.create_key(redis_url, "alice", "free")
     admin = f"http://127.0.0.1:{admin_port}"
     usage, grant = "/v1/accounts/alice/usage", "/v1/accounts/alice/grant"
 
