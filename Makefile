@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 LOCK   := requirements.lock
 PIP_TOOLS := pip-tools==7.6.0
 
-.PHONY: setup test-tools run test test-latest lock lint bench clean
+.PHONY: setup test-tools run test test-fast test-latest lock lint bench clean
 
 # Every package, transitive ones included, at the exact version and hash in $(LOCK); torch is the
 # CPU build served on these machines (2.13.0+cpu). Nothing here needs root.
@@ -31,6 +31,10 @@ run: setup
 
 test: setup test-tools
 	$(BIN)/python -m pytest
+
+# The quick loop: everything but the tests that start gateway, backend or redis processes of their own.
+test-fast: setup test-tools
+	$(BIN)/python -m pytest -m "not slow"
 
 # Upgrading: `make lock` resolves the newest versions pyproject.toml's ranges allow, then `make test`.
 lock:

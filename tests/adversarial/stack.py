@@ -40,10 +40,8 @@ def running_stack(redis_url: str, tmp: Path) -> Iterator[Stack]:
     services = ServiceSet(tmp)
     try:
         quotas = quota_file(tmp, QUOTAS)
-        backend = services.backend(Path("tiny"), "--data-dir", str(tmp / "backend"), *BACKEND_ARGS)
-        gateway = services.gateway("gateway", quotas, redis_url, backend.url, {"QUOTAGATE_BODY_TIMEOUT": BODY_TIMEOUT})
-        gateway.wait_ready()
-        backend.wait_ready("/readyz", timeout=120)
+        env = {"QUOTAGATE_BODY_TIMEOUT": BODY_TIMEOUT}
+        gateway, backend = services.stack(quotas, redis_url, *BACKEND_ARGS, env=env)
         yield Stack(gateway.url, backend.url, redis_url)
     finally:
         services.stop()

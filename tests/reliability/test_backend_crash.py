@@ -33,12 +33,9 @@ async def batch_running(backend: Service, redis_url: str, quotas: Path, account:
 
 
 async def test_backend_killed_mid_batch_refunds_every_charge_and_the_gateway_stays_up(
-    services: ServiceSet, quotas: Path, redis_url: str, tmp_path: Path
+    services: ServiceSet, quotas: Path, redis_url: str
 ) -> None:
-    backend = services.backend(Path("tiny"), "--data-dir", str(tmp_path / "backend"), *BACKEND_ARGS)
-    gateway = services.gateway("gateway", quotas, redis_url, backend.url)
-    gateway.wait_ready()
-    backend.wait_ready("/readyz", timeout=120)
+    gateway, backend = services.stack(quotas, redis_url, *BACKEND_ARGS)
     key = await services.create_key(redis_url, "studio", "paid")
     body = {"prompt": "a lighthouse", "size": "256x256", "steps": 8}
 

@@ -44,12 +44,9 @@ async def until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
 
 
 async def test_a_client_gone_while_queued_is_refunded_and_costs_no_image(
-    services: ServiceSet, quotas: Path, redis_url: str, tmp_path: Path
+    services: ServiceSet, quotas: Path, redis_url: str
 ) -> None:
-    backend = services.backend(Path("tiny"), "--data-dir", str(tmp_path / "backend"), *BACKEND_ARGS)
-    gateway = services.gateway("gateway", quotas, redis_url, backend.url)
-    gateway.wait_ready()
-    backend.wait_ready("/readyz", timeout=120)
+    gateway, backend = services.stack(quotas, redis_url, *BACKEND_ARGS)
     key = await services.create_key(redis_url, "ann", "free")
     queued_images = (BLOCKERS - 1) * BLOCKER_IMAGES  # one blocker runs, the others wait
 

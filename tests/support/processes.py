@@ -184,6 +184,16 @@ class ServiceSet:
         command += ["--device", "cpu", "--threads", "1", "--log-level", "warning", *extra]
         return self.spawn("backend", command, port)
 
+    def stack(
+        self, quotas: Path, redis_url: str, *backend_args: str, env: dict[str, str] | None = None
+    ) -> tuple[Service, Service]:
+        """The backend on the tiny model and a gateway before it, each ready: (gateway, backend)."""
+        backend = self.backend(Path("tiny"), "--data-dir", str(self.tmp / "backend"), *backend_args)
+        gateway = self.gateway("gateway", quotas, redis_url, backend.url, env)
+        gateway.wait_ready()
+        backend.wait_ready("/readyz", timeout=120)
+        return gateway, backend
+
     def logs(self) -> dict[str, str]:
         return {service.name: service.logged() for service in self.services}
 
