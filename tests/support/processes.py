@@ -153,7 +153,7 @@ class ServiceSet:
     ) -> Service:
         """`quotagate serve` on a free port (not yet awaited: call wait_ready, or start several first)."""
         port = free_port()
-        command = [str(BIN / "quotagate"), "serve", "--config", str(config), "--redis-url", redis_url]
+        command = [sys.executable, "-m", "gateway.ops.cli", "serve", "--config", str(config), "--redis-url", redis_url]
         command += ["--upstream", f"diffusion={upstream}", "--port", str(port), *extra]
         environment = {"QUOTAGATE_KEY_SECRET": SECRET.decode(), **(env or {})}
         return self.spawn(name or f"gateway-{port}", command, port, environment, terminal)
