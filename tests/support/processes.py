@@ -150,10 +150,16 @@ class ServiceSet:
         env: dict[str, str] | None = None,
         *extra: str,
         terminal: int | None = None,
+        installed: bool = False,
     ) -> Service:
-        """`quotagate serve` on a free port (not yet awaited: call wait_ready, or start several first)."""
+        """`quotagate serve` on a free port (not yet awaited: call wait_ready, or start several first).
+
+        `installed` runs the installed `quotagate` script rather than `python -m gateway.ops.cli`: the
+        two start their worker processes differently, and each suite keeps the one it was written for.
+        """
         port = free_port()
-        command = [sys.executable, "-m", "gateway.ops.cli", "serve", "--config", str(config), "--redis-url", redis_url]
+        program = [str(BIN / "quotagate")] if installed else [sys.executable, "-m", "gateway.ops.cli"]
+        command = [*program, "serve", "--config", str(config), "--redis-url", redis_url]
         command += ["--upstream", f"diffusion={upstream}", "--port", str(port), *extra]
         environment = {"QUOTAGATE_KEY_SECRET": SECRET.decode(), **(env or {})}
         return self.spawn(name or f"gateway-{port}", command, port, environment, terminal)
@@ -225,9 +231,8 @@ def gateway_processes(
     started = ServiceSet(log_dir)
     try:
         for _ in range(count):
-            started.gateway(
-                None, config, redis_url, upstream_url, env, "--workers", str(workers), *args, terminal=terminal
-            )
+            options = ("--workers", str(workers), *args)
+            started.gateway(None, config, redis_url, upstream_url, env, *options, terminal=terminal, installed=True)
         for gateway in started.services:
             gateway.wait_ready("/readyz", workers=workers)
         yield started.services
