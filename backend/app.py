@@ -1,4 +1,4 @@
-"""The HTTP surface: OpenAI-style image generation, models, health, readiness and metrics."""
+"""The HTTP surface: OpenAI-style image generation, models, capacity, health, readiness and metrics."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from starlette.routing import Route
 from starlette.types import Receive
 
 from backend.batcher import Batcher, BatcherSettings, Runner
+from backend.capacity import CAPACITY_HEADER, Capacity
 from backend.errors import (
     BackendError,
     BodyTooLarge,
@@ -71,6 +72,18 @@ class BackendState:
     batcher: Batcher | None = None
     load_error: str | None = None
     withdrawals: Withdrawals = field(default_factory=Withdrawals)
+
+
+def _capacity(state: BackendState) -> Capacity:
+    batcher = state.batcher
+    return Capacity(
+        slots=state.settings.batcher.max_batch_images,
+        queue_images=state.settings.batcher.max_queue_images,
+        queued_images=batcher.queued_images if batcher is not None else 0,
+        running_images=batcher.running_images if batcher is not None else 0,
+        images_per_s=batcher.throughput.images_per_s if batcher is not None else 0.0,
+        ready=state.ready.is_set(),
+    )
 
 
 def _init_inference_thread(threads: int | None) -> None:
@@ -146,6 +159,13 @@ def _rejection_reason(exc: BackendError) -> str | None:
 
 
 async def generations(request: Request) -> Response:
+    """Every answer, refusals included, tells the caller the capacity as it stands when the answer leaves."""
+    response = await _generate(request)
+    response.headers[CAPACITY_HEADER] = _capacity(_state(request)).header_value()
+    return response
+
+
+async def _generate(request: Request) -> Response:
     state = _state(request)
     limits = state.settings.limits
     try:
@@ -210,6 +230,10 @@ async def models(request: Request) -> Response:
     model_id = _state(request).settings.limits.model_id
     entry = {"id": model_id, "object": "model", "created": 0, "owned_by": "quotagate"}
     return JSONResponse({"object": "list", "data": [entry]})
+
+
+async def capacity(request: Request) -> Response:
+    return JSONResponse(_capacity(_state(request)).as_json())
 
 
 async def openapi(request: Request) -> Response:
@@ -284,6 +308,7 @@ def create_app(
         Route("/v1/images/generations", generations, methods=["POST"]),
         Route("/v1/jobs/{token}", withdraw, methods=["DELETE"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/capacity", capacity, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -11,9 +11,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+from backend.capacity import DrainRate
 from backend.errors import InferenceFailed, Overloaded, Withdrawn
 from backend.metrics import BackendMetrics
-from backend.scheduling import BatchKey, Job, Throughput, pick_batch, retry_after_s
+from backend.scheduling import BatchKey, Job, pick_batch, retry_after_s
 from backend.validation import MAX_SEED, GenerationRequest
 
 __all__ = ["Batcher", "BatcherSettings", "Runner"]
@@ -61,11 +62,16 @@ class Batcher:
         self._running_images = 0
         self._arrived = asyncio.Event()
         self._depth: Counter[int] = Counter()
-        self.throughput = Throughput()
+        self.throughput = DrainRate()
 
     @property
     def queued_images(self) -> int:
         return sum(job.images for job in self._jobs)
+
+    @property
+    def running_images(self) -> int:
+        """Images of the batch the worker is running now; 0 while it waits."""
+        return self._running_images
 
     @property
     def queued(self) -> list[Job]:
@@ -181,6 +187,7 @@ class Batcher:
         finally:
             self._running_images = 0
         self.throughput.observe(images, self._clock() - now)
+        self._metrics.drain_rate.set(self.throughput.images_per_s)
         self._metrics.images_generated.inc(images)
         start = 0
         for job in batch:

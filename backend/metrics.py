@@ -12,7 +12,7 @@ REJECTION_REASONS = ("queue_full", "queue_wait", "not_ready", "invalid", "too_la
 
 
 class BackendMetrics:
-    """Queue depth by priority, batch sizes, generation time, images made, rejections by reason."""
+    """Queue depth by priority, batch sizes, generation time, drain rate, images made, rejections by reason."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -41,6 +41,11 @@ class BackendMetrics:
             _PREFIX + "queue_wait_seconds",
             "Seconds a request waited in the queue before its batch started.",
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30),
+            registry=registry,
+        )
+        self.drain_rate = Gauge(
+            _PREFIX + "drain_images_per_second",
+            "Measured images finished per second of pipeline time (weighted mean over recent batches; 0 before any).",
             registry=registry,
         )
         self.images_generated = Counter(

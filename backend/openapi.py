@@ -26,6 +26,26 @@ _ERROR = {
     },
 }
 
+_CAPACITY = {
+    "description": "what this backend can take and how fast it drains",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["slots", "queue_images", "queued_images", "running_images", "images_per_s", "ready"],
+                "properties": {
+                    "slots": {"type": "integer", "minimum": 1},
+                    "queue_images": {"type": "integer", "minimum": 1},
+                    "queued_images": {"type": "integer", "minimum": 0},
+                    "running_images": {"type": "integer", "minimum": 0},
+                    "images_per_s": {"type": "number", "minimum": 0},
+                    "ready": {"type": "boolean"},
+                },
+            }
+        }
+    },
+}
+
 
 def describe(limits: RequestLimits) -> dict[str, Any]:
     """The OpenAPI document for a server with these limits."""
@@ -69,6 +89,7 @@ def describe(limits: RequestLimits) -> dict[str, Any]:
                 }
             },
             "/v1/models": {"get": {"operationId": "listModels", "responses": {"200": json_ok}}},
+            "/v1/capacity": {"get": {"operationId": "getCapacity", "responses": {"200": _CAPACITY}}},
             "/healthz": {"get": {"operationId": "health", "responses": {"200": json_ok}}},
             "/readyz": {"get": {"operationId": "ready", "responses": {"200": json_ok, "503": _ERROR}}},
         },

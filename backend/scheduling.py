@@ -7,9 +7,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from backend.capacity import DrainRate
 from backend.validation import GenerationRequest
 
-__all__ = ["BatchKey", "Job", "Throughput", "effective_priority", "pick_batch", "retry_after_s"]
+__all__ = ["BatchKey", "Job", "effective_priority", "pick_batch", "retry_after_s"]
 
 MAX_RETRY_AFTER_S = 3600
 
@@ -66,30 +67,7 @@ def pick_batch(jobs: Sequence[Job], now: float, *, max_images: int, aging_s: flo
     return batch
 
 
-class Throughput:
-    """Images per second, an exponentially weighted mean over finished pipeline calls."""
-
-    def __init__(self, *, weight: float = 0.3) -> None:
-        self._weight = weight
-        self.images_per_s: float | None = None
-
-    def observe(self, images: int, seconds: float) -> None:
-        if images <= 0 or seconds <= 0:
-            return
-        rate = images / seconds
-        if self.images_per_s is None:
-            self.images_per_s = rate
-        else:
-            self.images_per_s += self._weight * (rate - self.images_per_s)
-
-    def seconds_for(self, images: int) -> float | None:
-        """Estimated seconds to generate `images`; None before the first measurement."""
-        if self.images_per_s is None:
-            return None
-        return images / self.images_per_s
-
-
-def retry_after_s(images_ahead: int, throughput: Throughput) -> int:
+def retry_after_s(images_ahead: int, throughput: DrainRate) -> int:
     """Whole seconds until the images ahead are likely done; at least 1."""
     seconds = throughput.seconds_for(images_ahead)
     if seconds is None:
