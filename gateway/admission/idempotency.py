@@ -138,7 +138,7 @@ class AnswerCapture:
         self._size = 0
         self._done = False
 
-    async def __call__(self, message: Message) -> None:
+    async def __call__(self, message: Message, *, sending: bool = True) -> None:
         if message["type"] == "http.response.start":
             fields = [name + b": " + value + b"\r\n" for name, value in message["headers"] if name in REPLAYED_FIELDS]
             self._head = b"%d\r\n%s\r\n" % (message["status"], b"".join(fields))
@@ -153,7 +153,13 @@ class AnswerCapture:
             if not message.get("more_body", False):
                 self._done = True
                 await self._keep(None if self._parts is None else self._head + b"".join(self._parts))
-        await self._send(message)
+        if sending:
+            await self._send(message)
+
+    async def keep_unsent(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """Keep a whole answer its client left before: the backend made and charged it, so a retry gets it."""
+        await self({"type": "http.response.start", "status": status, "headers": headers}, sending=False)
+        await self({"type": "http.response.body", "body": body}, sending=False)
 
     async def finish(self) -> None:
         """The request is over: if its answer did not go out whole, say that none is kept."""

@@ -183,6 +183,7 @@ async def _forward(
     for a client still there. Once the answer has begun, a hang-up cancels the relay; the charge stands.
     """
     record = charge.record
+    capture = send if isinstance(send, idempotency.AnswerCapture) else None
     send = watch.sending(send)
     job = secrets.token_urlsafe(16)  # the backend's name for this request, should it be withdrawn
     forwarded = upstream_headers(
@@ -221,7 +222,7 @@ async def _forward(
     else:
         await charge.refund(_refund_reason(answer))
     if watch.gone:  # it left while the backend worked: the answer settled the charge, and goes nowhere
-        answer.finish()
+        await _keep_unsent(answer, charge, capture)
         return "client_gone"
     upstream_failed = False
     try:
@@ -242,6 +243,26 @@ async def _forward(
     if 200 <= answer.status < 300:
         return "allowed"
     return "upstream_error" if answer.status >= 500 else "refunded"
+
+
+async def _keep_unsent(answer: UpstreamAnswer, charge: Charge, capture: idempotency.AnswerCapture | None) -> None:
+    """Finish the answer of a client that left; one it made and paid for under an Idempotency-Key is kept for its retry.
+
+    Reading that answer is the path to the client: a body the upstream cuts short is refunded, as it would
+    be for a client still there.
+    """
+    failed = False
+    try:
+        if capture is not None and 200 <= answer.status < 300:
+            try:
+                body = await answer.read()
+            except BadGateway:
+                failed = True
+                await charge.refund("upstream_error")
+                return
+            await capture.keep_unsent(answer.status, answer.raw_headers, body)
+    finally:
+        answer.finish(upstream_failed=failed)
 
 
 def _refund_reason(answer: UpstreamAnswer) -> str:

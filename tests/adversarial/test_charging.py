@@ -6,6 +6,7 @@ client is a raw socket that closes where a library client would have read on.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -52,9 +53,11 @@ def settled(gateway: Service, outcome: str) -> None:
         time.sleep(0.02)
 
 
-def request(key: str, prompt: str, n: int) -> bytes:
+def request(key: str, prompt: str, n: int, *, idempotency_key: str | None = None) -> bytes:
     body = b'{"prompt": "%s", "n": %d}' % (prompt.encode(), n)
     head = f"POST {IMAGES} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+    if idempotency_key is not None:
+        head += f"Idempotency-Key: {idempotency_key}\r\n"
     return head.encode() + b"Content-Length: %d\r\n\r\n" % len(body) + body
 
 
@@ -64,6 +67,19 @@ def connect(url: str, *, slow_reader: bool = False) -> socket.socket:
     if slow_reader:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, as on a real network
     return sock
+
+
+def read_answer(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One answer of known length off a kept-alive connection: its head and its body."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    fields = head.lower().split(b"\r\n")
+    (length,) = (int(line.split(b":")[1]) for line in fields if line.startswith(b"content-length:"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head, body
 
 
 def test_hanging_up_on_a_streamed_answer_is_charged(redis_url: str, tmp_path: Path) -> None:
@@ -95,6 +111,32 @@ def test_hanging_up_while_the_backend_works_is_charged(redis_url: str, tmp_path:
         httpx.post(url + "/control/release", timeout=10)
         settled(gateway, "client_gone")
         assert used(gateway, key) == 2
+
+
+def test_a_client_gone_while_the_backend_worked_gets_its_paid_images_when_it_retries_with_its_key(
+    redis_url: str, tmp_path: Path
+) -> None:
+    key = new_key(redis_url, "ann", "free")
+    with served(redis_url, tmp_path) as (gateway, upstream, url):
+        with connect(gateway.url) as sock:
+            sock.sendall(request(key, "held", 2, idempotency_key="retry-me"))
+            deadline = time.monotonic() + 30
+            while upstream.begun < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        while upstream.withdrawals < 1:
+            assert time.monotonic() < deadline, gateway.logged()
+            time.sleep(0.02)
+        httpx.post(url + "/control/release", timeout=10)
+        settled(gateway, "client_gone")
+        with connect(gateway.url) as sock:
+            sock.sendall(request(key, "held", 2, idempotency_key="retry-me"))
+            head, body = read_answer(sock)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert b"idempotent-replayed: true" in head.lower()
+        assert json.loads(body)["data"] == [{"b64_json": "aW1hZ2U="}]  # what the backend made for it
+        assert upstream.begun == 1  # the retry never reached the backend
+        assert used(gateway, key) == 2  # charged once
 
 
 def test_an_answer_the_upstream_cuts_short_is_refunded(redis_url: str, tmp_path: Path) -> None:
