@@ -95,21 +95,26 @@ def test_hanging_up_on_a_streamed_answer_is_charged(redis_url: str, tmp_path: Pa
         assert used(gateway, key) == 3
 
 
+def hang_up_while_held(gateway: Service, upstream: ChargingUpstream, url: str, held: bytes) -> None:
+    """Send `held` (a "held" request), hang up once the backend has begun it, then let the backend answer."""
+    with connect(gateway.url) as sock:
+        sock.sendall(held)
+        deadline = time.monotonic() + 30
+        while upstream.begun < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    # The gateway withdraws the request; the backend says it has begun, and then makes it.
+    while upstream.withdrawals < 1:
+        assert time.monotonic() < deadline, gateway.logged()
+        time.sleep(0.02)
+    httpx.post(url + "/control/release", timeout=10)
+    settled(gateway, "client_gone")
+
+
 def test_hanging_up_while_the_backend_works_is_charged(redis_url: str, tmp_path: Path) -> None:
     key = new_key(redis_url, "ann", "free")
     with served(redis_url, tmp_path) as (gateway, upstream, url):
-        with connect(gateway.url) as sock:
-            sock.sendall(request(key, "held", 2))
-            deadline = time.monotonic() + 30
-            while upstream.begun < 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-        # The gateway withdraws the request; the backend says it has begun, and then makes it.
-        while upstream.withdrawals < 1:
-            assert time.monotonic() < deadline, gateway.logged()
-            time.sleep(0.02)
-        httpx.post(url + "/control/release", timeout=10)
-        settled(gateway, "client_gone")
+        hang_up_while_held(gateway, upstream, url, request(key, "held", 2))
         assert used(gateway, key) == 2
 
 
@@ -118,17 +123,7 @@ def test_a_client_gone_while_the_backend_worked_gets_its_paid_images_when_it_ret
 ) -> None:
     key = new_key(redis_url, "ann", "free")
     with served(redis_url, tmp_path) as (gateway, upstream, url):
-        with connect(gateway.url) as sock:
-            sock.sendall(request(key, "held", 2, idempotency_key="retry-me"))
-            deadline = time.monotonic() + 30
-            while upstream.begun < 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-        while upstream.withdrawals < 1:
-            assert time.monotonic() < deadline, gateway.logged()
-            time.sleep(0.02)
-        httpx.post(url + "/control/release", timeout=10)
-        settled(gateway, "client_gone")
+        hang_up_while_held(gateway, upstream, url, request(key, "held", 2, idempotency_key="retry-me"))
         with connect(gateway.url) as sock:
             sock.sendall(request(key, "held", 2, idempotency_key="retry-me"))
             head, body = read_answer(sock)
