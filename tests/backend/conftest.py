@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
 from backend.app import BackendState, ServeSettings, create_app
-from backend.batcher import BatcherSettings, Runner
+from backend.batcher import Batcher, BatcherSettings, Job, Runner
 from backend.pipeline import load_pipeline, pipeline_runner
 from backend.tiny_model import make_tiny_model
 from backend.validation import GenerationRequest, RequestLimits
@@ -151,3 +151,18 @@ def portal(client: TestClient) -> BlockingPortal:
 def backend_state(client: TestClient) -> BackendState:
     state: BackendState = client.app.state.backend  # type: ignore[attr-defined]
     return state
+
+
+def batcher_of(client: TestClient) -> Batcher:
+    """The started app's batcher."""
+    batcher = backend_state(client).batcher
+    assert batcher is not None
+    return batcher
+
+
+def hold_worker(client: TestClient, recording: RecordingRunner) -> Job:
+    """Close the gate and give the worker one job: it stays busy until the test opens the gate."""
+    recording.gate.clear()
+    blocker = portal(client).call(batcher_of(client).submit, request("blocker"))
+    assert recording.entered.wait(timeout=60)
+    return blocker

@@ -7,13 +7,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
-from backend.batcher import Batcher
 from backend.scheduling import Job
 from backend.validation import GenerationRequest
 from tests.backend.conftest import (
     AppFactory,
     RecordingRunner,
-    backend_state,
+    batcher_of,
+    hold_worker,
     make_limits,
     make_settings,
     portal,
@@ -21,22 +21,8 @@ from tests.backend.conftest import (
 )
 
 
-def _batcher(client: TestClient) -> Batcher:
-    batcher = backend_state(client).batcher
-    assert batcher is not None
-    return batcher
-
-
-def _hold_worker(client: TestClient, recording: RecordingRunner) -> Job:
-    """Close the gate and give the worker one job: it stays busy until the test opens the gate."""
-    recording.gate.clear()
-    blocker = portal(client).call(_batcher(client).submit, request("blocker"))
-    assert recording.entered.wait(timeout=60)
-    return blocker
-
-
 def _queue(client: TestClient, *requests: GenerationRequest) -> list[Job]:
-    return [portal(client).call(_batcher(client).submit, item) for item in requests]
+    return [portal(client).call(batcher_of(client).submit, item) for item in requests]
 
 
 def _finish(client: TestClient, recording: RecordingRunner, jobs: list[Job]) -> None:
@@ -52,9 +38,9 @@ def test_a_full_queue_answers_503_at_once_with_retry_after(serve: AppFactory, re
     registry = CollectorRegistry()
     settings = make_settings(limits=make_limits(max_n=2), max_queue_images=2, max_batch_images=1)
     client = serve(settings, registry=registry)
-    blocker = _hold_worker(client, recording)
+    blocker = hold_worker(client, recording)
     queued = _queue(client, request("q1"), request("q2"))
-    _batcher(client).throughput.observe(images=2, seconds=1.0)
+    batcher_of(client).throughput.observe(images=2, seconds=1.0)
 
     response = client.post("/v1/images/generations", json={"prompt": "one too many"})
 
@@ -70,9 +56,9 @@ def test_a_full_queue_answers_503_at_once_with_retry_after(serve: AppFactory, re
 
 def test_a_wait_longer_than_allowed_answers_503(serve: AppFactory, recording: RecordingRunner) -> None:
     client = serve(make_settings(max_queue_images=64, max_queue_wait_s=2.0, max_batch_images=1))
-    blocker = _hold_worker(client, recording)
+    blocker = hold_worker(client, recording)
     queued = _queue(client, request("q1"))
-    _batcher(client).throughput.observe(images=1, seconds=1.0)
+    batcher_of(client).throughput.observe(images=1, seconds=1.0)
 
     response = client.post("/v1/images/generations", json={"prompt": "would wait 3s"})
 
@@ -87,8 +73,8 @@ def test_a_client_that_leaves_while_queued_never_reaches_the_model(
 ) -> None:
     registry = CollectorRegistry()
     client = serve(make_settings(max_batch_images=1), registry=registry)
-    blocker = _hold_worker(client, recording)
-    batcher = _batcher(client)
+    blocker = hold_worker(client, recording)
+    batcher = batcher_of(client)
 
     async def leave_while_queued() -> tuple[int, list[dict[str, Any]]]:
         gone = asyncio.Event()

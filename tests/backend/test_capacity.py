@@ -13,14 +13,14 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
-from backend.batcher import Batcher
 from backend.capacity import CAPACITY_HEADER, Capacity, DrainRate
 from backend.scheduling import Job
 from backend.withdrawals import JOB_HEADER
 from tests.backend.conftest import (
     AppFactory,
     RecordingRunner,
-    backend_state,
+    batcher_of,
+    hold_worker,
     make_limits,
     make_settings,
     portal,
@@ -125,20 +125,6 @@ def test_the_header_is_an_rfc8941_dictionary_of_the_reading(
     assert parsed["rate"] == pytest.approx(min(rate, 999_999_999_999.999), abs=0.0005)
 
 
-def _batcher(client: TestClient) -> Batcher:
-    batcher = backend_state(client).batcher
-    assert batcher is not None
-    return batcher
-
-
-def _hold_worker(client: TestClient, recording: RecordingRunner) -> Job:
-    """Close the gate and give the worker one job: it stays busy until the test opens the gate."""
-    recording.gate.clear()
-    blocker = portal(client).call(_batcher(client).submit, request("blocker"))
-    assert recording.entered.wait(timeout=60)
-    return blocker
-
-
 def _finish(client: TestClient, recording: RecordingRunner, jobs: list[Job]) -> None:
     recording.gate.set()
 
@@ -165,11 +151,11 @@ def test_the_capacity_endpoint_follows_a_queue_that_fills_and_drains(
         "ready": True,
     }
 
-    blocker = _hold_worker(client, recording)
+    blocker = hold_worker(client, recording)
     seen = [client.get("/v1/capacity").json()]
     jobs = [blocker]
     for n in (2, 1, 3):
-        jobs.append(portal(client).call(_batcher(client).submit, request(f"queued {n}", n=n)))
+        jobs.append(portal(client).call(batcher_of(client).submit, request(f"queued {n}", n=n)))
         seen.append(client.get("/v1/capacity").json())
 
     assert [reading["queued_images"] for reading in seen] == [0, 2, 3, 6]
@@ -213,8 +199,8 @@ def test_every_answer_of_the_images_route_carries_the_capacity_header(
     assert withdrawn.status_code == 409
     assert _advertised(withdrawn.headers)["running"] == 0
 
-    blocker = _hold_worker(client, recording)
-    queued = portal(client).call(_batcher(client).submit, request("fills the queue"))
+    blocker = hold_worker(client, recording)
+    queued = portal(client).call(batcher_of(client).submit, request("fills the queue"))
     refused = client.post(IMAGES, json={"prompt": "one too many"})
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "queue_full"

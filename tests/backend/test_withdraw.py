@@ -15,9 +15,17 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
-from backend.batcher import Batcher
 from backend.withdrawals import JOB_HEADER, Withdrawals
-from tests.backend.conftest import AppFactory, FakeClock, RecordingRunner, backend_state, make_settings, portal, request
+from tests.backend.conftest import (
+    AppFactory,
+    FakeClock,
+    RecordingRunner,
+    backend_state,
+    batcher_of,
+    make_settings,
+    portal,
+    request,
+)
 
 IMAGES = "/v1/images/generations"
 REMEMBER_S = 60.0
@@ -29,12 +37,6 @@ def posting(recording: RecordingRunner) -> Iterator[ThreadPoolExecutor]:
     with ThreadPoolExecutor(4) as pool:
         yield pool
         recording.gate.set()  # a failed test must not leave the worker and its requests held
-
-
-def _batcher(client: TestClient) -> Batcher:
-    batcher = backend_state(client).batcher
-    assert batcher is not None
-    return batcher
 
 
 def _generate(client: TestClient, token: str, prompt: str, n: int = 1) -> Any:
@@ -62,7 +64,7 @@ def test_a_queued_request_withdrawn_answers_409_and_makes_no_image(
 ) -> None:
     registry = CollectorRegistry()
     client = serve(make_settings(max_batch_images=1), registry=registry)
-    batcher = _batcher(client)
+    batcher = batcher_of(client)
     recording.gate.clear()  # the worker takes the blocker and stays busy with it
     blocker = portal(client).call(batcher.submit, request("blocker"))
     assert recording.entered.wait(timeout=60)
