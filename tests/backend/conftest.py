@@ -14,8 +14,9 @@ from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
 from backend.app import BackendState, ServeSettings, create_app
-from backend.batcher import Batcher, BatcherSettings, Job, Runner
+from backend.batcher import Batcher, BatcherSettings, Runner
 from backend.pipeline import load_pipeline, pipeline_runner
+from backend.scheduling import Job
 from backend.tiny_model import make_tiny_model
 from backend.validation import GenerationRequest, RequestLimits
 
