@@ -201,6 +201,10 @@ async def _run(services: ServiceSet, quotas: Path, redis_url: str, prometheus_bi
         assert await _send(client, gateway.url, keys["free"], 1) == [429]
         seen = 'quotagate_requests_total{outcome=~"allowed|quota_exhausted"}'
         prometheus.wait_for("the ordinary traffic", lambda: [] if _total(prometheus, seen) == 4 else [seen])
+        # rate() needs a sample from before the refusals: a backend first scraped after them shows a
+        # counter that never rose, and its alert could never hold.
+        refused = 'quotagate_backend_rejections_total{reason="queue_full"}'
+        prometheus.wait_for("the backend's refusals at zero", lambda: [] if prometheus.query(refused) else [refused])
         for rule in alert_rules():
             assert prometheus.query(rule["expr"]) == [], f"{rule['alert']} holds before anything went wrong"
 
@@ -215,6 +219,8 @@ async def _run(services: ServiceSet, quotas: Path, redis_url: str, prometheus_bi
             await asyncio.sleep(0.02)
         assert 503 in await _until_shed(client, gateway.url, keys["free-fresh"])
         assert sorted(await slow) == [200, 200, 503, 503]
+        # The two 503s are the backend's own refusals (its queue was full), not the gateway's shedding.
+        assert backend.metric("quotagate_backend_rejections_total", reason="queue_full") == 2
         assert await _send(client, orphan.url, keys["pro"], 3) == [503, 503, 503]
     await asyncio.to_thread(quotas.write_text, "plans: [this is not a quota file\n")
 
