@@ -6,6 +6,7 @@ It knows nothing of HTTP: callers pass an account, the limits that apply and a c
 from limits.decision import Decision, KeyState, LimitState
 from limits.engine import Engine
 from limits.errors import ClockSkew, LimitsError, StoreUnavailable
+from limits.fleet import Admitted, Claimed, Fleet, LinePlan, Place, PoolRules, PoolState, Queued, Turned
 from limits.idempotency import KeyLifetimes
 from limits.lease import Lease
 from limits.nearcache import INVALIDATIONS, DenialCache, follow_invalidations
@@ -14,6 +15,15 @@ from limits.store import RedisClient, connect
 
 __all__ = [
     "MAX_RATE_PER_S",
+    "Admitted",
+    "Claimed",
+    "Fleet",
+    "LinePlan",
+    "Place",
+    "PoolRules",
+    "PoolState",
+    "Queued",
+    "Turned",
     "PERIODS",
     "Bucket",
     "INVALIDATIONS",

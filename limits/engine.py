@@ -23,10 +23,15 @@ from limits.nearcache import INVALIDATIONS, DenialCache
 from limits.policy import Bucket, DailyQuota, LimitSet
 from limits.store import RedisClient
 
+FLEET_SCRIPTS = ("fleet_enter", "fleet_claim", "fleet_cancel", "fleet_position", "fleet_leave", "fleet_renew")
+FLEET_SCRIPTS += ("fleet_advertise", "fleet_state")
+
 
 def _script(name: str) -> Script:
     folder = resources.files("limits").joinpath("lua")
-    return Script(folder.joinpath("prelude.lua").read_text() + folder.joinpath(f"{name}.lua").read_text())
+    # The fleet scripts share the layout of a pool's keys and its helpers (fleet.lua).
+    shared = ("prelude", "fleet") if name in FLEET_SCRIPTS else ("prelude",)
+    return Script("".join(folder.joinpath(f"{part}.lua").read_text() for part in (*shared, name)))
 
 
 class Engine:
@@ -49,9 +54,8 @@ class Engine:
         self._clock = clock  # this process's clock: it only picks which day starts to send
         self._coalescer = Coalescer(Endpoint.of(redis)) if isinstance(redis, Redis) else None
         self._key_lifetimes = key_lifetimes or KeyLifetimes()
-        self._scripts = {
-            name: _script(name) for name in ("decide", "refund", "grant", "keep", "lease", "renew", "release")
-        }
+        names = ("decide", "refund", "grant", "keep", "lease", "renew", "release", *FLEET_SCRIPTS)
+        self._scripts = {name: _script(name) for name in names}
         self._registered = {name: redis.register_script(s.source) for name, s in self._scripts.items()}
         self.near_cache = near_cache
 
@@ -205,6 +209,10 @@ class Engine:
             await self._redis.publish(INVALIDATIONS, account)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis unavailable: {exc}") from exc
+
+    async def call_script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run one of the package's scripts (limits/lua/NAME.lua): for the modules of `limits` built on the engine."""
+        return await self._call(name, keys, args)
 
     async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         script = self._scripts[name]

@@ -22,3 +22,15 @@ def idempotency_answer(account: str, key: str) -> str:
 def lease_set(account: str) -> str:
     """Key of the account's concurrent-request leases: lease id -> expiry."""
     return f"qg:{{{account}}}:leases"
+
+
+def pool_keys(pool: str, plans: list[str]) -> list[str]:
+    """Keys of one upstream pool's places and line (limits/lua/fleet.lua), then each plan's line and jobs.
+
+    The pool sits in a hash tag, so one pool's keys land on one Redis Cluster slot.
+    """
+    prefix = f"qg:{{pool:{pool}}}:"
+    keys = [prefix + part for part in ("held", "backends", "tickets", "waiting", "lapse", "meta")]
+    for plan in plans:
+        keys += [f"{prefix}line:{plan}", f"{prefix}jobs:{plan}"]
+    return keys

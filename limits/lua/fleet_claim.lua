@@ -1,0 +1,20 @@
+-- A replica takes the first async job whose place has come, to run it: highest plan first, FIFO within one.
+--
+-- ARGV[A..]  reserved_for_paid, ceiling (images; 0: none), place ttl (µs), the place's id.
+--
+-- Returns {job, place, its turn (µs), now (µs)}, or {} when no job can start now.
+tidy()
+local reserved, ceiling, ttl, place_id = tonumber(ARGV[A]), tonumber(ARGV[A + 1]), tonumber(ARGV[A + 2]), ARGV[A + 3]
+local cap = capacity(ceiling)
+for _, plan in ipairs(plans) do
+  local head = redis.call('ZRANGE', plan.jobs, 0, 0, 'WITHSCORES')
+  if head[1] then
+    local job, turn = head[1], tonumber(head[2])
+    local info = cjson.decode(redis.call('HGET', TICKETS, job))
+    if room(plan, cap, reserved) - ahead_of_turn(plan, turn) >= info.n then
+      drop_ticket(job)
+      return {job, take_place(plan, info.n, place_id, ttl), turn, now}
+    end
+  end
+end
+return {}

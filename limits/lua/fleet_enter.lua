@@ -1,0 +1,72 @@
+-- A request asks for a place of `images` in the pool: it gets one, or a ticket in its plan's line, or a refusal.
+--
+-- ARGV[A..]  account, images, the place's id, the ticket's id, the line it may join ('sync': its holder
+--            comes back at its turn; 'job': the fleet runs it then; '': none), reserved_for_paid (the share
+--            the lowest priority may not take), ceiling (images; 0: none), place ttl (µs), grace (µs a sync
+--            ticket is kept past its turn), the places one account may hold in the line (jobs), the line's
+--            length cap, and the request's plan.
+--
+-- A request is let in when the places its plan may take cover it and everyone ahead of it: every ticket of
+-- a higher plan, and every ticket of its own line, unless it is a ticket holder whose turn has come.
+-- Returns {1, place, capacity}                       admitted: the place is held until released or lapsed
+--         {0, ticket, position, wait µs, capacity, rate in thousandths of an image per second}   in the line
+--         {-1, reason, capacity}                     refused: no_capacity, line_full or account_places
+tidy()
+local account, images = ARGV[A], tonumber(ARGV[A + 1])
+local place_id, ticket, queue = ARGV[A + 2], ARGV[A + 3], ARGV[A + 4]
+local reserved, ceiling = tonumber(ARGV[A + 5]), tonumber(ARGV[A + 6])
+local ttl, grace = tonumber(ARGV[A + 7]), tonumber(ARGV[A + 8])
+local account_places, line_cap = tonumber(ARGV[A + 9]), tonumber(ARGV[A + 10])
+local plan = by_name[ARGV[A + 11]]
+local cap, rate, live = capacity(ceiling)
+if live == 0 then return {-1, 'no_capacity', 0} end
+local free = room(plan, cap, reserved)
+local rate_milli = math.floor(rate * 1000)
+local who = plan.name .. '\n' .. account
+
+-- The account's ticket in this line, if it has one: it comes back for its turn.
+local held = queue == 'sync' and redis.call('HGET', WAITING, who)
+local turn = held and redis.call('ZSCORE', plan.line, held)
+if turn then
+  turn = tonumber(turn)
+  local ahead = ahead_of_turn(plan, turn)
+  if free - ahead >= images then
+    drop_ticket(held)
+    return {1, take_place(plan, images, place_id, ttl), cap}
+  end
+  local wait = turn - now
+  if wait <= 0 then  -- its turn came and the places are not free yet: it is told when they will be
+    wait = wait_for(ahead + images - free, rate)
+    redis.call('ZADD', plan.line, us(now + wait), held)
+    redis.call('ZADD', LAPSE, us(now + wait + grace), held)
+  end
+  return {0, held, ahead + 1, wait, cap, rate_milli}
+end
+if held then redis.call('HDEL', WAITING, who) end  -- a claim on a ticket that has left the line
+
+local ahead = ahead_of_plan(plan) + redis.call('ZCARD', plan.line)
+if free - ahead >= images then
+  return {1, take_place(plan, images, place_id, ttl), cap}
+end
+if queue == '' then return {-1, 'no_place', cap} end
+if redis.call('ZCARD', plan.line) >= line_cap then return {-1, 'line_full', cap} end
+if queue == 'job' and tonumber(redis.call('HGET', WAITING, who .. '\njobs') or '0') >= account_places then
+  return {-1, 'account_places', cap}
+end
+
+-- Its turn: when the places of everyone ahead and its own will have drained, and never before the turn
+-- told to anyone ahead of it in this line.
+local due = now + wait_for(ahead + images - free, rate)
+local last = tonumber(redis.call('HGET', META, 'due:' .. plan.name) or '0')
+if due < last then due = last end
+redis.call('HSET', META, 'due:' .. plan.name, us(due))
+redis.call('ZADD', plan.line, us(due), ticket)
+redis.call('HSET', TICKETS, ticket, cjson.encode({k = queue, n = images, p = plan.name, a = account}))
+if queue == 'sync' then
+  redis.call('HSET', WAITING, who, ticket)
+  redis.call('ZADD', LAPSE, us(due + grace), ticket)
+else
+  redis.call('ZADD', plan.jobs, us(due), ticket)
+  redis.call('HINCRBY', WAITING, who .. '\njobs', 1)
+end
+return {0, ticket, ahead + 1, due - now, cap, rate_milli}
