@@ -23,8 +23,16 @@ from limits.nearcache import INVALIDATIONS, DenialCache
 from limits.policy import Bucket, DailyQuota, LimitSet
 from limits.store import RedisClient
 
-FLEET_SCRIPTS = ("fleet_enter", "fleet_claim", "fleet_cancel", "fleet_position", "fleet_leave", "fleet_renew")
-FLEET_SCRIPTS += ("fleet_advertise", "fleet_state")
+FLEET_SCRIPTS = (
+    "fleet_enter",
+    "fleet_claim",
+    "fleet_cancel",
+    "fleet_position",
+    "fleet_leave",
+    "fleet_renew",
+    "fleet_advertise",
+    "fleet_state",
+)
 
 
 def _script(name: str) -> Script:
