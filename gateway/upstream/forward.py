@@ -167,6 +167,13 @@ class Forwarder:
         now = self._clock()
         return sum(1 for u in self._pools[pool] if u.out_until <= now)
 
+    def is_set_aside(self, pool: str, url: str) -> bool:
+        """Whether the upstream `url` of `pool` is set aside now; KeyError if the pool has no such URL."""
+        for upstream in self._pools[pool]:
+            if upstream.url == url:
+                return upstream.out_until > self._clock()
+        raise KeyError(f"{url!r} is not an upstream of pool {pool!r}")
+
     def pick(self, pool: str) -> Upstream:
         """The upstream the next request of `pool` goes to."""
         upstreams = self._pools[pool]
