@@ -10,6 +10,7 @@ import asyncio
 import gc
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,7 +31,10 @@ from gateway.admission.authguard import FailedAuthGuard
 from gateway.admission.caller import Caller
 from gateway.admission.concurrency import Leases
 from gateway.admission.identity import KeyStore
+from gateway.admission.jobs import JobStore
 from gateway.admission.peers import TrustedProxies
+from gateway.admission.places import PoolPlaces
+from gateway.admission.poolwatch import PoolWatch
 from gateway.admission.refusals import Refusals
 from gateway.admission.shedding import Shedder
 from gateway.admission.storefailure import CircuitBreaker, LocalBudget, StoreGuard
@@ -38,6 +42,8 @@ from gateway.config.quotas import Config, load_config
 from gateway.config.reload import LiveConfig, reload_on_sighup
 from gateway.config.settings import Settings
 from gateway.errors import ApiError, ConfigError, NotFound, handle_api_error
+from gateway.http.dispatch import Dispatcher
+from gateway.http.jobs import JOBS_PATH, job_endpoint
 from gateway.http.openapi import openapi_endpoint
 from gateway.http.proxy import proxy
 from gateway.http.quota_endpoint import quota
@@ -45,11 +51,19 @@ from gateway.http.services import Services
 from gateway.observe.logs import configure_logging, flush_logs
 from gateway.observe.metrics import GatewayMetrics, render, worker_exited
 from gateway.observe.requestlog import logged
+from gateway.upstream.adaptive import Gradient2Limit, LearnedCapacity
+from gateway.upstream.capacity import CapacityWatcher
 from gateway.upstream.client import UpstreamClient
 from gateway.upstream.forward import Forwarder
-from limits import DenialCache, Engine, connect, follow_invalidations
+from limits import DenialCache, Engine, Fleet, connect, follow_invalidations
 
 PROXIED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+def learn_unadvertised() -> LearnedCapacity:
+    """The capacity of a backend that advertises none, learned from its latency: it starts where a
+    gateway process used to bound a pool alone, and may halve or double from there."""
+    return LearnedCapacity(Gradient2Limit(initial_limit=64, max_limit=256))
 
 
 def check_upstreams(settings: Settings, config: Config) -> None:
@@ -118,6 +132,18 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         )
         engine = Engine(redis, near_cache=near_cache)
         forwarder = Forwarder(upstream_client, settings.upstreams)
+        places = PoolPlaces(Fleet(engine, place_ttl=settings.place_ttl), Shedder())
+        pool_watch = PoolWatch(places, live_config, metrics)
+        capacity = CapacityWatcher(
+            upstream_client,
+            settings.upstreams,
+            places.fleet,
+            every=settings.capacity_poll,
+            set_aside=forwarder.is_set_aside,
+            learn=learn_unadvertised,
+        )
+        # The pools' capacity is known before the first request is let in.
+        await capacity.poll_once(time.monotonic())
         for pool in settings.upstreams:
             metrics.upstream_healthy.labels(pool).set(forwarder.healthy(pool))
         stop_watching = asyncio.Event()
@@ -131,11 +157,20 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             caller=Caller(keys, TrustedProxies(settings.trusted_proxies), auth_guard, settings.account_header),
             store=StoreGuard(engine, metrics, breaker, LocalBudget()),
             refusals=Refusals(near_cache),
-            shedder=Shedder(),
+            places=places,
+            jobs=JobStore(redis, result_ttl=settings.job_result_ttl, result_bytes=settings.job_result_bytes),
+            capacity=capacity,
             leases=Leases(engine),
             forwarder=forwarder,
             metrics=metrics,
         )
+        dispatcher = Dispatcher(app.state.services)
+        stop_fleet = asyncio.Event()
+        fleet_tasks = [
+            asyncio.create_task(dispatcher.run(stop_fleet)),
+            asyncio.create_task(pool_watch.run(stop_fleet)),
+            asyncio.create_task(capacity.run(stop_fleet)),
+        ]
         try:
             with reload_on_sighup(live_config):
                 live_config.poll()  # a change saved while this worker started, before SIGHUP could reach it
@@ -147,6 +182,9 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             stop_watching.set()
             if watcher is not None:
                 await watcher
+            stop_fleet.set()
+            await asyncio.wait(fleet_tasks)
+            await places.close()
             if follower is not None:
                 stop_following.set()
                 follower.cancel()
@@ -192,6 +230,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         Route("/metrics", metrics_endpoint),
         Route("/openapi.json", openapi_endpoint),
         Route("/v1/quota", logged(quota), methods=["GET"]),
+        Route(JOBS_PATH + "{job_id}", logged(job_endpoint), methods=["GET", "DELETE"]),
         Route("/{path:path}", logged(not_found), methods=PROXIED_METHODS),
     ]
     return Gateway(Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: handle_api_error}))

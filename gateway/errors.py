@@ -95,6 +95,10 @@ class IdempotencyAnswerExpired(IdempotencyKeyReused):
     code = "idempotency_answer_expired"
 
 
+class JobStarted(ApiError):
+    status, type, code = 409, "invalid_request_error", "job_started"
+
+
 class QuotaExceeded(ApiError):
     status, type, code = 429, "insufficient_quota", "insufficient_quota"
 

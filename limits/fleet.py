@@ -62,8 +62,11 @@ class Place:
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
+    """A place, on `backend`: the live backend with the most room (each holds at most what it advertised)."""
+
     place: Place
     capacity: int
+    backend: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +82,8 @@ class Queued:
 
 @dataclass(frozen=True, slots=True)
 class Turned:
-    """No place and no ticket: `no_capacity` (no backend is live), `no_place`, `line_full` or `account_places`."""
+    """No place and no ticket: `no_capacity` (no backend is live), `too_large` (more images than the whole pool
+    holds), `no_place` (no line was asked for), `line_full` or `account_places`."""
 
     reason: str
     capacity: int
@@ -92,6 +96,7 @@ class Claimed:
     job: str
     place: Place
     late: float
+    backend: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +168,7 @@ class Fleet:
         ]
         reply = await self._call("fleet_enter", pool, rules, now, args)
         if reply[0] == 1:
-            return Admitted(Place(pool, _text(reply[1])), reply[2])
+            return Admitted(Place(pool, _text(reply[1])), reply[2], _text(reply[3]))
         if reply[0] == 0:
             return Queued(_text(reply[1]), reply[2], reply[3] / 1_000_000, reply[4], reply[5] / 1000)
         return Turned(_text(reply[1]), reply[2])
@@ -174,7 +179,8 @@ class Fleet:
         reply = await self._call("fleet_claim", pool, rules, now, args)
         if not reply:
             return None
-        return Claimed(_text(reply[0]), Place(pool, _text(reply[1])), (reply[3] - reply[2]) / 1_000_000)
+        late = (reply[3] - reply[2]) / 1_000_000
+        return Claimed(_text(reply[0]), Place(pool, _text(reply[1])), late, _text(reply[4]))
 
     async def cancel(self, pool: str, rules: PoolRules, ticket: str, *, now: float | None = None) -> bool:
         """Take `ticket` out of the line; False if it had left it (its job started, or it lapsed)."""

@@ -10,9 +10,10 @@ replica that dies stops renewing and its places come back within `ttl`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Awaitable, Iterable
 
+from gateway.admission.renewal import Renewal
 from limits import Engine, Lease
 
 log = logging.getLogger("quotagate.concurrency")
@@ -22,59 +23,36 @@ LEASE_TTL_S = 30.0
 
 
 class Leases:
-    """This process's leases: taken, renewed in the background while held, and given back."""
+    """This process's leases on accounts' places: taken, renewed in the background while held, and given back."""
 
     def __init__(self, engine: Engine, *, ttl: float = LEASE_TTL_S) -> None:
         self._engine = engine
-        self._ttl = ttl
-        self._held: set[Lease] = set()
-        self._renewer: asyncio.Task[None] | None = None
-        self._returning: list[Lease] = []
-        self._returns: set[asyncio.Task[None]] = set()
+        self._renewal = Renewal[Lease]("concurrency leases", ttl, self._renew_all, self._release_all)
 
     async def take(self, account: str, limit: int) -> Lease | None:
         """One of `account`'s `limit` places, or None if all are held; LimitsError if Redis cannot say."""
-        lease = await self._engine.lease(account, limit, self._ttl)
+        lease = await self._engine.lease(account, limit, self._renewal.ttl)
         if lease is not None:
-            self._held.add(lease)
-            if self._renewer is None:
-                self._renewer = asyncio.get_running_loop().create_task(self._renew_held())
+            self._renewal.hold(lease)
         return lease
 
     def give_back(self, lease: Lease) -> None:
-        """Free `lease`'s place soon, with the others given back in this loop turn; never waits, never fails.
-
-        Not awaited, so that a request cancelled as it ends (the server stopping) still frees its place. If
-        Redis cannot be reached, the lease lapses by itself within `ttl`.
-        """
-        self._held.discard(lease)
-        self._returning.append(lease)
-        if len(self._returning) == 1:
-            task = asyncio.get_running_loop().create_task(self._return_pending())
-            self._returns.add(task)
-            task.add_done_callback(self._returns.discard)
-
-    async def _return_pending(self) -> None:
-        leases, self._returning = self._returning, []
-        results = await asyncio.gather(*(self._engine.release(lease) for lease in leases), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                log.warning("a concurrency lease could not be given back (it lapses by itself): %s", result)
+        """Free `lease`'s place soon; never waits, never fails (see Renewal.give_back)."""
+        self._renewal.give_back(lease)
 
     async def close(self) -> None:
         """Stop renewing; wait for the leases being given back."""
-        if self._returns:
-            await asyncio.wait(self._returns)
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+        await self._renewal.close()
 
-    async def _renew_held(self) -> None:
-        while True:
-            await asyncio.sleep(self._ttl / 3)
-            held = list(self._held)
-            renewals = (self._engine.renew(lease, self._ttl) for lease in held)
-            for result in await asyncio.gather(*renewals, return_exceptions=True):
-                if isinstance(result, BaseException):
-                    log.warning("a concurrency lease could not be renewed: %s", result)
+    async def _renew_all(self, leases: list[Lease]) -> None:
+        await _each(self._engine.renew(lease, self._renewal.ttl) for lease in leases)
+
+    async def _release_all(self, leases: list[Lease]) -> None:
+        await _each(self._engine.release(lease) for lease in leases)
+
+
+async def _each(calls: Iterable[Awaitable[object]]) -> None:
+    """Await every call; a failure is logged and does not stop the others."""
+    for result in await asyncio.gather(*calls, return_exceptions=True):
+        if isinstance(result, BaseException):
+            log.warning("a concurrency lease could not be renewed or given back: %s", result)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from gateway.admission import idempotency
 from gateway.admission.identity import Identity
 from gateway.admission.ratelimit_headers import rate_limit_headers, retry_after
@@ -65,3 +67,29 @@ def refusal(plan: Plan, decision: Decision) -> ApiError:
         f"The quota resets at midnight ({limit.timezone.key}); retry in {wait} s, or upgrade your plan.",
         headers=headers,
     )
+
+
+async def affordable(store: StoreGuard, identity: Identity, plan: Plan, cost: int) -> None:
+    """Raise the refusal a request of `cost` would meet now, charging nothing; pass if Redis cannot say.
+
+    For an async job, which is charged when it starts: what its plan could not pay now is not queued.
+    """
+    decision = await store.decide(identity.account, plan, 0)
+    if decision is None:
+        return
+    for state in decision.states:
+        if state.limit.shadow or state.remaining is None or state.remaining >= cost:
+            continue
+        wait = max(1, math.ceil(state.reset_after))
+        headers = {**rate_limit_headers(plan.limits, decision), "Retry-After": str(wait)}
+        if isinstance(state.limit, Bucket):
+            raise RateLimited(
+                f"Rate limit reached for the {plan.name} plan: {state.remaining} of this request's {cost} images are "
+                f"available now. Retry in {wait} s.",
+                headers=headers,
+            )
+        raise QuotaExceeded(
+            f"This request costs {cost} images and {state.remaining} are left today on the {plan.name} plan. "
+            f"The quota resets at midnight ({state.limit.timezone.key}); retry in {wait} s, or upgrade your plan.",
+            headers=headers,
+        )

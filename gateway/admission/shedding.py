@@ -1,15 +1,9 @@
-"""Load shedding: bound the requests each upstream pool holds, and shed the lowest priority first.
+"""Load shedding while Redis cannot be reached: each process bounds alone the requests it forwards to a pool.
 
-Counted per gateway process (each replica and worker sheds on what it holds itself; no Redis round
-trip). Plans of the lowest priority in the config (free) may fill only `1 - reserved_for_paid` of a
-pool's `max_in_flight`; the other plans may fill all of it. A shed request is answered 503 with a
-Retry-After of 1–5 s drawn at random (so shed clients do not retry in step).
-
-A request enters its pool before its body is read and decided on, so a shed request costs no
-quota and little CPU. It holds its place while it is decided: one refused by its quota gives the
-place back at once. (Taking the place only once admitted let a surge pass the bound by as many
-requests as were being decided at that moment: with 2,000 free requests a second, the pool of 8
-held 20 and more, and paid requests were shed for want of room.)
+The fleet's places live in Redis (gateway/admission/places.py); without Redis, each gateway process holds at
+most the pool's `max_in_flight` (LOCAL_BOUND if it sets none), and plans of the lowest priority only
+`1 - reserved_for_paid` of that. A shed request is answered 503 with a Retry-After of 1–5 s drawn at random,
+so shed clients do not retry in step: with Redis away there is no line to tell them their turn.
 """
 
 from __future__ import annotations
@@ -21,6 +15,8 @@ from gateway.config.quotas import PoolPolicy
 from gateway.errors import Overloaded
 
 RETRY_AFTER_S = (1, 5)
+# Requests one process forwards to a pool at once without Redis, where the pool sets no max_in_flight.
+LOCAL_BOUND = 64
 
 
 class Slot:
@@ -50,7 +46,7 @@ class Shedder:
 
     def enter(self, pool: str, policy: PoolPolicy, *, lowest_priority: bool) -> Slot:
         """A place in `pool` for a request of this priority; Overloaded (503) if there is none for it now."""
-        bound = policy.max_in_flight
+        bound = policy.max_in_flight or LOCAL_BOUND
         if lowest_priority:
             bound = math.floor(bound * (1 - policy.reserved_for_paid))
         held = self._in_flight.get(pool, 0)

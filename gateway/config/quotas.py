@@ -61,15 +61,20 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class PoolPolicy:
-    """How this gateway process treats one upstream pool (`pools:` in the YAML; defaults below).
+    """How the fleet shares one upstream pool (`pools:` in the YAML; defaults below).
 
-    At most `max_in_flight` requests at once; plans of the lowest priority may use only the share
-    `1 - reserved_for_paid` of them, so paid plans keep the rest (gateway/admission/shedding.py). An upstream
-    that fails `eject_after` times in a row is set aside for `eject_for` seconds (gateway/upstream/forward.py).
+    The pool's capacity is what its backends advertise (gateway/upstream/capacity.py), bounded by
+    `max_in_flight` images fleet-wide where it is set. Plans of the lowest priority may fill only the share
+    `1 - reserved_for_paid` of it, so paid plans keep the rest (gateway/admission/places.py). A request that
+    finds no place waits its turn in its plan's line, of at most `line_length` tickets; a client told to come
+    back keeps its turn `hold_turn_for` seconds past it. An upstream that fails `eject_after` times in a row is
+    set aside for `eject_for` seconds (gateway/upstream/forward.py).
     """
 
-    max_in_flight: int = 256
+    max_in_flight: int | None = None
     reserved_for_paid: float = 0.25
+    line_length: int = 10_000
+    hold_turn_for: float = 10.0
     eject_after: int = 3
     eject_for: float = 10.0
 
@@ -384,18 +389,18 @@ class _Reader:
         return float(value)
 
     def pool(self, node: yaml.Node, field: str) -> PoolPolicy:
-        keys = {"max_in_flight", "reserved_for_paid", "eject_after", "eject_for"}
+        keys = {"max_in_flight", "reserved_for_paid", "line_length", "hold_turn_for", "eject_after", "eject_for"}
         entries = self.mapping(node, field, required=set(), optional=keys)
         values: dict[str, Any] = {}
-        if "max_in_flight" in entries:
-            values["max_in_flight"] = self.integer(entries["max_in_flight"], f"{field}.max_in_flight", minimum=1)
+        for name in ("max_in_flight", "line_length", "eject_after"):
+            if name in entries:
+                values[name] = self.integer(entries[name], f"{field}.{name}", minimum=1)
         if "reserved_for_paid" in entries:
             node = entries["reserved_for_paid"]
             values["reserved_for_paid"] = self.number(node, f"{field}.reserved_for_paid", minimum=0, maximum=1)
-        if "eject_after" in entries:
-            values["eject_after"] = self.integer(entries["eject_after"], f"{field}.eject_after", minimum=1)
-        if "eject_for" in entries:
-            values["eject_for"] = self.number(entries["eject_for"], f"{field}.eject_for", minimum=0)
+        for name in ("hold_turn_for", "eject_for"):
+            if name in entries:
+                values[name] = self.number(entries[name], f"{field}.{name}", minimum=0)
         return PoolPolicy(**values)
 
     def route(self, node: yaml.Node, field: str) -> Route:

@@ -29,6 +29,10 @@ class Settings:
     max_body_bytes: int = 1 << 20
     idempotency_answer_bytes: int = 1 << 20  # answers bigger than this are not kept for Idempotency-Key replays
     body_timeout: float = 10.0  # seconds a request body may take to arrive whole; 408 past it
+    job_result_ttl: float = 3600.0  # seconds an async job's result (or error) is kept once it has ended
+    job_result_bytes: int = 16 << 20  # a job's images over this are refunded and the job failed
+    capacity_poll: float = 1.0  # seconds between reads of each backend's advertised capacity
+    place_ttl: float = 30.0  # seconds a dead replica's places in the pools stay taken (renewed every third of it)
     redis_timeout: float = 0.5
     upstream_connect_timeout: float = 2.0
     upstream_read_timeout: float = 300.0
@@ -59,6 +63,18 @@ class Settings:
                 "QUOTAGATE_IDEMPOTENCY_ANSWER_BYTES: expected bytes from 0 (keep no answer) to 67108864, "
                 f"got {self.idempotency_answer_bytes!r}"
             )
+        if not 1 <= self.job_result_ttl <= 7 * 86400:
+            raise ConfigError(
+                f"QUOTAGATE_JOB_RESULT_TTL: expected seconds from 1 to 604800, got {self.job_result_ttl!r}"
+            )
+        if not 0 < self.job_result_bytes <= 256 << 20:
+            raise ConfigError(
+                f"QUOTAGATE_JOB_RESULT_BYTES: expected bytes above 0, at most 268435456, got {self.job_result_bytes!r}"
+            )
+        if not 0.5 <= self.place_ttl <= 600:
+            raise ConfigError(f"QUOTAGATE_PLACE_TTL: expected seconds from 0.5 to 600, got {self.place_ttl!r}")
+        if not 0.05 <= self.capacity_poll <= 60:
+            raise ConfigError(f"QUOTAGATE_CAPACITY_POLL: expected seconds from 0.05 to 60, got {self.capacity_poll!r}")
         if not 0 <= self.log_flush <= 10:
             raise ConfigError(f"QUOTAGATE_LOG_FLUSH: expected seconds from 0 to 10, got {self.log_flush!r}")
         for name, urls in self.upstreams.items():
@@ -99,6 +115,10 @@ class Settings:
             max_body_bytes=int(number("QUOTAGATE_MAX_BODY_BYTES", 1 << 20)),
             idempotency_answer_bytes=int(number("QUOTAGATE_IDEMPOTENCY_ANSWER_BYTES", 1 << 20)),
             body_timeout=number("QUOTAGATE_BODY_TIMEOUT", 10.0),
+            job_result_ttl=number("QUOTAGATE_JOB_RESULT_TTL", 3600.0),
+            job_result_bytes=int(number("QUOTAGATE_JOB_RESULT_BYTES", 16 << 20)),
+            capacity_poll=number("QUOTAGATE_CAPACITY_POLL", 1.0),
+            place_ttl=number("QUOTAGATE_PLACE_TTL", 30.0),
             redis_timeout=number("QUOTAGATE_REDIS_TIMEOUT", 0.5),
             upstream_connect_timeout=number("QUOTAGATE_UPSTREAM_CONNECT_TIMEOUT", 2.0),
             upstream_read_timeout=number("QUOTAGATE_UPSTREAM_READ_TIMEOUT", 300.0),

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 
 from gateway.admission.identity import Identity
+from gateway.admission.places import Held
 from gateway.admission.ratelimit_headers import rate_limit_headers
-from gateway.admission.shedding import Slot
 from gateway.config.quotas import Plan
 from gateway.http.services import Services
 from gateway.observe.requestlog import RequestRecord
@@ -33,7 +33,7 @@ class Charge:
         plan: Plan,
         decision: Decision | None,  # None: admitted while Redis could not decide; nothing was charged
         record: RequestRecord,
-        slot: Slot,
+        held: Held,  # its place in the pool
         lease: Lease
         | None = None,  # the account's concurrent place (gateway/admission/concurrency.py), if its plan has one
     ) -> None:
@@ -45,7 +45,8 @@ class Charge:
         self._plan = plan
         self._decision = decision
         self.record = record
-        self._slot = slot
+        self._held = held
+        self.backend = held.backend  # where its place is: the backend it is forwarded to
         self._lease = lease
         self._refunded = self._kept = self._ended = False
         services.metrics.in_flight.labels(plan.name).inc()
@@ -79,11 +80,11 @@ class Charge:
             if not self._kept:
                 await self.refund("upstream_error")
         finally:
-            services, pool = self._services, self._slot.pool
-            self._slot.release()
+            services, pool = self._services, self._held.pool
+            services.places.give_back(self._held)
             if self._lease is not None:
                 services.leases.give_back(self._lease)
-            services.metrics.upstream_in_flight.labels(pool).set(services.shedder.in_flight(pool))
+            services.metrics.upstream_in_flight.labels(pool).set(services.places.in_flight(pool))
             services.metrics.upstream_healthy.labels(pool).set(services.forwarder.healthy(pool))
             services.metrics.in_flight.labels(self._plan.name).dec()
             services.metrics.requests.labels(self._plan.name, self._route, outcome).inc()

@@ -18,10 +18,11 @@ from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from gateway.admission import idempotency
+from gateway.admission import idempotency, jobs
 from gateway.admission.cost import request_cost
-from gateway.admission.decision import admit
+from gateway.admission.decision import admit, affordable
 from gateway.admission.identity import Identity
+from gateway.admission.places import Held
 from gateway.config.quotas import Plan, Route
 from gateway.errors import (
     ApiError,
@@ -40,13 +41,14 @@ from gateway.errors import (
 )
 from gateway.http.charge import Charge
 from gateway.http.disconnect import CancelOnDisconnect
+from gateway.http.jobs import accepted, wants_async
 from gateway.http.relay import CutShort, relay
 from gateway.http.request_headers import header_fields
 from gateway.http.services import Services
 from gateway.observe.metrics import NO_PLAN
 from gateway.observe.requestlog import RequestRecord, begin, prompt_of, since_ms, write
 from gateway.upstream.forward import UpstreamAnswer, upstream_headers
-from limits import DailyQuota, Decision, Lease, LimitsError
+from limits import DailyQuota, Decision, Lease, LimitsError, Queued
 
 # The status nginx logs for "the client closed the connection before the answer"; no one reads it.
 CLIENT_CLOSED = 499
@@ -106,26 +108,37 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
             services.metrics.requests.labels(plan.name, route.path, "quota_exhausted").inc()
             await exhausted.send(send, record.request_id)
             return
-        # Into the pool before the body is read and decided on: a shed request costs no quota, and little CPU.
-        lowest = plan.priority <= config.lowest_priority
-        slot = services.shedder.enter(route.upstream, config.pool(route.upstream), lowest_priority=lowest)
-        lease = None
+        lease = held = None
         try:
-            # The account's own concurrent place, also before the body: its stalled bodies hold only its places.
+            # The account's own concurrent place, before the body: its stalled bodies hold only its places.
             lease = await _take_place(services, identity.account, plan)
             body = await _read_body(request, services.settings.max_body_bytes, services.settings.body_timeout)
             if services.settings.log_prompts:
                 record.prompt = prompt_of(body)
             record.cost = cost = request_cost(route, body)
             bound = None if key is None else idempotency.bind(key, request.scope, body)
+            # Its place in the pool, before it is decided on: a request that must wait its turn costs no quota.
+            # An Idempotency-Key asks for one answer to one request: such a request is answered synchronously.
+            as_job = key is None and wants_async(request.headers)
+            entered = await _enter_pool(services, route, plan, identity, cost, body, as_job)
+            if isinstance(entered, QueuedJob):  # accepted as an async job: the fleet runs it at its turn
+                record.outcome, record.status = "queued", 202
+                services.metrics.requests.labels(plan.name, route.path, "queued").inc()
+                services.metrics.jobs.labels(plan.name, jobs.QUEUED).inc()
+                if lease is not None:
+                    services.leases.give_back(lease)
+                await accepted(entered.job, entered.queued).send(send, record.request_id)
+                return
+            held = entered
             started = time.perf_counter()
             try:
                 decision = await admit(services.store, identity, plan, cost, key=bound)
             finally:  # refusals are decisions too
                 record.decision_ms = since_ms(started)
                 services.metrics.decision_seconds.observe(record.decision_ms / 1000)
-        except BaseException:  # refused, or gone: its place goes to the next request
-            slot.release()
+        except BaseException:  # refused, or gone: its places go to the next requests
+            if held is not None:
+                services.places.give_back(held)
             if lease is not None:
                 services.leases.give_back(lease)
             raise
@@ -147,8 +160,8 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
     if decision is not None and plan.limits.shadow_arg:  # limits in shadow mode: count what they would do
         services.metrics.shadow_requests.labels(plan.name, route.path, _shadow_outcome(decision)).inc()
 
-    services.metrics.upstream_in_flight.labels(route.upstream).set(services.shedder.in_flight(route.upstream))
-    charge = Charge(services, route.path, identity, plan, decision, record, slot, lease)
+    services.metrics.upstream_in_flight.labels(route.upstream).set(services.places.in_flight(route.upstream))
+    charge = Charge(services, route.path, identity, plan, decision, record, held, lease)
     capture = None
     if decision is not None and decision.claim is not None:  # it claimed its key: its answer is kept for replays
         keep = partial(services.store.keep_answer, identity.account, decision)
@@ -201,20 +214,25 @@ async def _forward(
     query = request.scope["query_string"]
     path_qs = route.path + (f"?{query.decode('latin-1')}" if query else "")
     pool = services.config.pool(route.upstream)
-    upstream = services.forwarder.pick(route.upstream)
+    upstream = services.forwarder.upstream(route.upstream, charge.backend)
     watch.on_gone = lambda: services.forwarder.withdraw(upstream, job)
     started = time.perf_counter()
+    services.capacity.started(route.upstream, upstream.url, record.cost or 0)
+    status = 0
     try:
         answer = await services.forwarder.open(
             route.upstream, pool, request.scope["method"], path_qs, forwarded, body, upstream=upstream
         )
+        status = answer.status
     except BadGateway as exc:
         await charge.refund("upstream_error")
         await _answer_error(exc, charge.headers, record, send)
         return "upstream_error"
     finally:
         watch.on_gone = None  # from here a hang-up cancels the relay
-        services.metrics.upstream_seconds.labels(route.path).observe(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        services.metrics.upstream_seconds.labels(route.path).observe(took)
+        services.capacity.finished(route.upstream, upstream.url, took, record.cost or 0, 200 <= status < 300)
         record.upstream_ms = since_ms(started)
     record.upstream_status = answer.status
     if 200 <= answer.status < 300:
@@ -282,6 +300,51 @@ def _shadow_outcome(decision: Decision) -> str:
     if not refusals:
         return "allowed"
     return "quota_exhausted" if any(isinstance(s.limit, DailyQuota) for s in refusals) else "rate_limited"
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedJob:
+    job: jobs.Job
+    queued: Queued
+
+
+async def _enter_pool(
+    services: Services, route: Route, plan: Plan, identity: Identity, cost: int, body: bytes, as_job: bool
+) -> Held | QueuedJob:
+    """The request's place in its pool; with `as_job`, its job's ticket in the line when there is none now.
+
+    Raises the 503 that tells it its turn when it must come back, and (as a job) the refusal its quota would
+    give now: a job is charged when it starts, so what it could not afford now is not queued.
+    """
+    config = services.config
+    if not as_job:
+        entered = await services.places.enter(config, route.upstream, plan, identity.account, cost)
+        assert not isinstance(entered, Queued)
+        return entered
+    await affordable(services.store, identity, plan, cost)
+    job = jobs.Job(
+        id=jobs.new_job_id(),
+        account=identity.account,
+        plan=plan.name,
+        route=route.path,
+        pool=route.upstream,
+        images=cost,
+        body=body,
+        status=jobs.QUEUED,
+        created=time.time(),
+        told_wait=0.0,
+    )
+    await services.jobs.create(job)  # before its ticket: a replica that claims the ticket finds the job
+    try:
+        entered = await services.places.enter(config, route.upstream, plan, identity.account, cost, job=job.id)
+    except BaseException:
+        await services.jobs.delete(job.id)
+        raise
+    if not isinstance(entered, Queued):  # a place is free now: answered at once, as without the preference
+        await services.jobs.delete(job.id)
+        return entered
+    await services.jobs.told(job.id, entered.wait)
+    return QueuedJob(job, entered)
 
 
 async def _take_place(services: Services, account: str, plan: Plan) -> Lease | None:

@@ -6,13 +6,15 @@ from dataclasses import dataclass
 
 from gateway.admission.caller import Caller
 from gateway.admission.concurrency import Leases
+from gateway.admission.jobs import JobStore
+from gateway.admission.places import PoolPlaces
 from gateway.admission.refusals import Refusals
-from gateway.admission.shedding import Shedder
 from gateway.admission.storefailure import StoreGuard
 from gateway.config.quotas import Config
 from gateway.config.reload import LiveConfig
 from gateway.config.settings import Settings
 from gateway.observe.metrics import GatewayMetrics
+from gateway.upstream.capacity import CapacityWatcher
 from gateway.upstream.forward import Forwarder
 
 
@@ -25,7 +27,9 @@ class Services:
     caller: Caller
     store: StoreGuard
     refusals: Refusals
-    shedder: Shedder
+    places: PoolPlaces
+    jobs: JobStore
+    capacity: CapacityWatcher  # what each backend can hold; told of every request for those that do not say
     leases: Leases
     forwarder: Forwarder
     metrics: GatewayMetrics

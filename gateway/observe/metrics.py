@@ -35,12 +35,16 @@ OUTCOMES = (
     "client_gone",
     "body_timeout",
     "concurrency_limited",
+    "queued",
 )
 # Why a charge was given back (gateway/http/relay.py states the charging rule).
 REFUND_REASONS = ("upstream_error", "refused", "withdrawn")
 # Requests refused before their plan is known are counted under this plan label.
 NO_PLAN = "none"
 NO_PLAN_OUTCOMES = ("unauthorized", "store_unavailable", "shed", "bad_request")
+# How an async job stands or ended (gateway/admission/jobs.py).
+JOB_STATUSES = ("queued", "done", "failed", "cancelled")
+ETA_ERROR_BUCKETS = (0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0, 5.0)
 # What a plan's shadow limits would have decided for a request its enforced limits admitted.
 SHADOW_OUTCOMES = ("allowed", "rate_limited", "quota_exhausted")
 # Where a Redis call failed.
@@ -192,16 +196,87 @@ class GatewayMetrics:
                 multiprocess_mode="livemin",
             )
         )
+        self.jobs = Labelled(
+            Counter(
+                "quotagate_jobs",
+                "Async jobs by plan and status: queued (accepted with 202), then done, failed or cancelled.",
+                ["plan", "status"],
+                registry=registry,
+            )
+        )
+        self.eta_error = Histogram(
+            "quotagate_line_eta_error_ratio",
+            "For each async job as it starts: |time it waited - the wait it was told| / the wait it was told.",
+            registry=registry,
+            buckets=ETA_ERROR_BUCKETS,
+        )
+        # The fleet's pools as Redis holds them: every worker reads the same values, so workers combine by max.
+        self.fleet_capacity = Labelled(
+            Gauge(
+                "quotagate_fleet_capacity_images",
+                "Images the pool's live backends advertise they can hold (within max_in_flight), fleet-wide.",
+                ["pool"],
+                registry=registry,
+                multiprocess_mode="livemax",
+            )
+        )
+        self.fleet_drain = Labelled(
+            Gauge(
+                "quotagate_fleet_drain_images_per_second",
+                "Images per second the pool's live backends measure they finish, fleet-wide.",
+                ["pool"],
+                registry=registry,
+                multiprocess_mode="livemax",
+            )
+        )
+        self.fleet_backends = Labelled(
+            Gauge(
+                "quotagate_fleet_live_backends",
+                "Backends of the pool whose advertised capacity is live.",
+                ["pool"],
+                registry=registry,
+                multiprocess_mode="livemax",
+            )
+        )
+        self.fleet_held = Labelled(
+            Gauge(
+                "quotagate_fleet_held_images",
+                "Images in flight to the pool, fleet-wide, by plan.",
+                ["pool", "plan"],
+                registry=registry,
+                multiprocess_mode="livemax",
+            )
+        )
+        self.line_length = Labelled(
+            Gauge(
+                "quotagate_line_length",
+                "Tickets waiting in the pool's line, by plan.",
+                ["pool", "plan"],
+                registry=registry,
+                multiprocess_mode="livemax",
+            )
+        )
+        self.line_wait = Labelled(
+            Gauge(
+                "quotagate_line_wait_seconds",
+                "Seconds a request joining the plan's line now would wait for its turn (0 with no line).",
+                ["pool", "plan"],
+                registry=registry,
+                multiprocess_mode="livemax",
+            )
+        )
         self._version: str | None = None
 
     def declare(self, plans: Iterable[str], routes: Iterable[str], pools: Iterable[str] = ()) -> None:
         """Create every series at zero, so rates, dashboards and alerts see them before traffic."""
-        routes = list(routes)
+        plans, routes = list(plans), list(routes)
         for plan in plans:
             self.images_charged.labels(plan)
             for reason in REFUND_REASONS:
                 self.images_refunded.labels(plan, reason)
             self.in_flight.labels(plan)
+            for status in JOB_STATUSES:
+                self.jobs.labels(plan, status)
             for action in STORE_FAILURE_ACTIONS:
                 self.store_failures.labels(plan, action)
             for route in routes:
@@ -219,6 +294,11 @@ class GatewayMetrics:
             self.config_reloads.labels(result)
         for pool in pools:
             self.upstream_in_flight.labels(pool)
+            for gauge in (self.fleet_capacity, self.fleet_drain, self.fleet_backends):
+                gauge.labels(pool)
+            for plan in plans:
+                for by_plan in (self.fleet_held, self.line_length, self.line_wait):
+                    by_plan.labels(pool, plan)
         self.store_circuit_open.set(0)
 
     def loaded_config(self, version: str) -> None:

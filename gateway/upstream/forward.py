@@ -174,6 +174,15 @@ class Forwarder:
                 return upstream.out_until > self._clock()
         raise KeyError(f"{url!r} is not an upstream of pool {pool!r}")
 
+    def upstream(self, pool: str, url: str | None) -> Upstream:
+        """The upstream of `pool` at `url`, where the fleet placed the request; `pick`'s choice if it is not
+        one of the pool's or is set aside now (the fleet forgets it at the next capacity poll)."""
+        now = self._clock()
+        for upstream in self._pools[pool]:
+            if upstream.url == url and upstream.out_until <= now:
+                return upstream
+        return self.pick(pool)
+
     def pick(self, pool: str) -> Upstream:
         """The upstream the next request of `pool` goes to."""
         upstreams = self._pools[pool]

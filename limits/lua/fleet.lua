@@ -1,7 +1,7 @@
 -- Shared by the fleet scripts (fleet_*.lua), prepended after prelude.lua: one pool's places and its line.
 --
--- KEYS[1]  held: a sorted set of places taken, member "images:low:id:plan" -> expiry (µs). A place is a
---          lease: the replica that holds it renews it, and a dead replica's places lapse by themselves.
+-- KEYS[1]  held: a sorted set of places taken, member "images:low:id:plan\nbackend" -> expiry (µs). A place is
+--          a lease: the replica that holds it renews it, and a dead replica's places lapse by themselves.
 -- KEYS[2]  backends: a hash, backend -> "images rate expiry": what each backend advertised it can hold
 --          (images), how fast it drains (images per second), and when that reading lapses (µs).
 -- KEYS[3]  tickets: a hash, ticket -> JSON {k = 'sync' | 'job', n = images, p = plan, a = account}.
@@ -9,7 +9,8 @@
 --          "plan\naccount\njobs" -> how many of its async jobs wait there.
 -- KEYS[5]  lapse: a sorted set, sync ticket -> the instant it lapses if its holder has not come back (µs).
 -- KEYS[6]  meta: a hash; held = images held in all, held:<plan> = images that plan holds,
---          held_low = images the lowest-priority plans hold, due:<plan> = the latest turn told in that line.
+--          held_low = images the lowest-priority plans hold, at:<backend> = images placed on that backend,
+--          due:<plan> = the latest turn told in that line.
 -- KEYS[6+2i-1], KEYS[6+2i]  plan i's line (ticket -> its turn, µs; FIFO, since turns never go back) and the
 --          async jobs among it (job -> its turn).
 -- ARGV[1]  now, µs since the epoch; '' to read the Redis server's clock (TIME).
@@ -37,10 +38,11 @@ local function held_images(field)
 end
 
 local function count_place(member, sign)
-  local images, low, _, plan = string.match(member, '^(%d+):(%d):([^:]+):(.*)$')
+  local images, low, _, plan, backend = string.match(member, '^(%d+):(%d):([^:]+):([^\n]*)\n(.*)$')
   images = tonumber(images) * sign
   redis.call('HINCRBY', META, 'held', images)
   redis.call('HINCRBY', META, 'held:' .. plan, images)
+  redis.call('HINCRBY', META, 'at:' .. backend, images)
   if low == '1' then redis.call('HINCRBY', META, 'held_low', images) end
 end
 
@@ -50,8 +52,8 @@ local function release_place(member)
   return 1
 end
 
-local function take_place(plan, images, id, ttl)
-  local member = images .. ':' .. (plan.low and '1' or '0') .. ':' .. id .. ':' .. plan.name
+local function take_place(plan, images, id, ttl, backend)
+  local member = images .. ':' .. (plan.low and '1' or '0') .. ':' .. id .. ':' .. plan.name .. '\n' .. backend
   redis.call('ZADD', HELD, us(now + ttl), member)
   count_place(member, 1)
   return member
@@ -88,30 +90,48 @@ local function tidy()
   end
 end
 
+-- The live backends and what each can hold (images), as read by `capacity`.
+local live_backends = {}
+
 -- The fleet's capacity (images), the sum of the live backends' readings within the ceiling (0: none),
 -- their drain rate (images per second) and how many backends are live.
 local function capacity(ceiling)
-  local total, rate, live = 0, 0, 0
+  local total, rate = 0, 0
   local entries = redis.call('HGETALL', BACKENDS)
   for i = 1, #entries, 2 do
     local images, drain, expires = string.match(entries[i + 1], '^(%d+) ([%d.]+) (%d+)$')
     if images and tonumber(expires) > now then
-      total, rate, live = total + tonumber(images), rate + tonumber(drain), live + 1
+      total, rate = total + tonumber(images), rate + tonumber(drain)
+      table.insert(live_backends, {url = entries[i], images = tonumber(images)})
     else
       redis.call('HDEL', BACKENDS, entries[i])
     end
   end
   if ceiling > 0 and total > ceiling then total = ceiling end
-  return total, rate, live
+  return total, rate, #live_backends
 end
 
--- Places `plan` may still take: the lowest priority only up to its share, so paid plans keep the rest.
-local function room(plan, cap, reserved)
-  local free = cap - held_images('held')
-  if plan.low then
-    free = math.min(free, math.floor(cap * (1 - reserved)) - held_images('held_low'))
+-- The live backend with the most room, if it has room for `images`: each backend holds at most what it said.
+local function roomiest(images)
+  local best, most = nil, -1
+  for _, backend in ipairs(live_backends) do
+    local room = backend.images - held_images('at:' .. backend.url)
+    if room > most then best, most = backend.url, room end
   end
-  return free
+  if most >= images then return best end
+  return nil
+end
+
+-- The backend that takes `images` more for `plan`, after `ahead` images owed to those before it, or nil if
+-- they do not fit: within the capacity and one backend's room, and for the lowest priority within its share
+-- too (a request larger than the whole share needs all of it), so paid plans keep the rest.
+local function fits(plan, cap, reserved, ahead, images)
+  if cap - held_images('held') - ahead < images then return nil end
+  if plan.low then
+    local share = math.floor(cap * (1 - reserved))
+    if share <= 0 or share - held_images('held_low') - ahead < math.min(images, share) then return nil end
+  end
+  return roomiest(images)
 end
 
 -- Tickets in the lines of plans of higher priority than `plan`: they are served first.
@@ -134,6 +154,6 @@ end
 -- turns while its own has not come; once it has, those late ones come after it.
 local function ahead_of_turn(plan, turn)
   local ahead = ahead_of_plan(plan)
-  if turn > now then ahead = ahead + redis.call('ZCOUNT', plan.line, '-inf', '(' .. turn) end
+  if turn > now then ahead = ahead + redis.call('ZCOUNT', plan.line, '-inf', '(' .. us(turn)) end
   return ahead
 end

@@ -2,7 +2,7 @@
 --
 -- ARGV[A..]  reserved_for_paid, ceiling (images; 0: none), place ttl (µs), the place's id.
 --
--- Returns {job, place, its turn (µs), now (µs)}, or {} when no job can start now.
+-- Returns {job, place, its turn (µs), now (µs), the backend it goes to}, or {} when no job can start now.
 tidy()
 local reserved, ceiling, ttl, place_id = tonumber(ARGV[A]), tonumber(ARGV[A + 1]), tonumber(ARGV[A + 2]), ARGV[A + 3]
 local cap = capacity(ceiling)
@@ -11,9 +11,10 @@ for _, plan in ipairs(plans) do
   if head[1] then
     local job, turn = head[1], tonumber(head[2])
     local info = cjson.decode(redis.call('HGET', TICKETS, job))
-    if room(plan, cap, reserved) - ahead_of_turn(plan, turn) >= info.n then
+    local backend = fits(plan, cap, reserved, ahead_of_turn(plan, turn), info.n)
+    if backend then
       drop_ticket(job)
-      return {job, take_place(plan, info.n, place_id, ttl), turn, now}
+      return {job, take_place(plan, info.n, place_id, ttl, backend), turn, now, backend}
     end
   end
 end

@@ -8,9 +8,10 @@
 --
 -- A request is let in when the places its plan may take cover it and everyone ahead of it: every ticket of
 -- a higher plan, and every ticket of its own line, unless it is a ticket holder whose turn has come.
--- Returns {1, place, capacity}                       admitted: the place is held until released or lapsed
+-- Returns {1, place, capacity, backend}   admitted: the place, on that backend, is held until released or lapsed
 --         {0, ticket, position, wait µs, capacity, rate in thousandths of an image per second}   in the line
---         {-1, reason, capacity}                     refused: no_capacity, line_full or account_places
+--         {-1, reason, capacity}   refused: no_capacity, too_large (over the whole capacity), line_full or
+--                                  account_places
 tidy()
 local account, images = ARGV[A], tonumber(ARGV[A + 1])
 local place_id, ticket, queue = ARGV[A + 2], ARGV[A + 3], ARGV[A + 4]
@@ -20,7 +21,6 @@ local account_places, line_cap = tonumber(ARGV[A + 9]), tonumber(ARGV[A + 10])
 local plan = by_name[ARGV[A + 11]]
 local cap, rate, live = capacity(ceiling)
 if live == 0 then return {-1, 'no_capacity', 0} end
-local free = room(plan, cap, reserved)
 local rate_milli = math.floor(rate * 1000)
 local who = plan.name .. '\n' .. account
 
@@ -30,13 +30,14 @@ local turn = held and redis.call('ZSCORE', plan.line, held)
 if turn then
   turn = tonumber(turn)
   local ahead = ahead_of_turn(plan, turn)
-  if free - ahead >= images then
+  local backend = fits(plan, cap, reserved, ahead, images)
+  if backend then
     drop_ticket(held)
-    return {1, take_place(plan, images, place_id, ttl), cap}
+    return {1, take_place(plan, images, place_id, ttl, backend), cap, backend}
   end
   local wait = turn - now
   if wait <= 0 then  -- its turn came and the places are not free yet: it is told when they will be
-    wait = wait_for(ahead + images - free, rate)
+    wait = wait_for(ahead + images - (cap - held_images('held')), rate)
     redis.call('ZADD', plan.line, us(now + wait), held)
     redis.call('ZADD', LAPSE, us(now + wait + grace), held)
   end
@@ -44,9 +45,11 @@ if turn then
 end
 if held then redis.call('HDEL', WAITING, who) end  -- a claim on a ticket that has left the line
 
+if images > cap then return {-1, 'too_large', cap} end
 local ahead = ahead_of_plan(plan) + redis.call('ZCARD', plan.line)
-if free - ahead >= images then
-  return {1, take_place(plan, images, place_id, ttl), cap}
+local backend = fits(plan, cap, reserved, ahead, images)
+if backend then
+  return {1, take_place(plan, images, place_id, ttl, backend), cap, backend}
 end
 if queue == '' then return {-1, 'no_place', cap} end
 if redis.call('ZCARD', plan.line) >= line_cap then return {-1, 'line_full', cap} end
@@ -56,7 +59,7 @@ end
 
 -- Its turn: when the places of everyone ahead and its own will have drained, and never before the turn
 -- told to anyone ahead of it in this line.
-local due = now + wait_for(ahead + images - free, rate)
+local due = now + wait_for(ahead + images - (cap - held_images('held')), rate)
 local last = tonumber(redis.call('HGET', META, 'due:' .. plan.name) or '0')
 if due < last then due = last end
 redis.call('HSET', META, 'due:' .. plan.name, us(due))

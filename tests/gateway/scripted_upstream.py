@@ -13,7 +13,8 @@ Script = bytes | Callable[[asyncio.StreamWriter], object]
 @dataclass
 class Scripted:
     """For each request it reads, on any connection, it sends the next answer of `answers` (bytes, or a callable
-    that gets the writer and does what it likes); it records each request and counts connections."""
+    that gets the writer and does what it likes); it records each request and counts the connections that carried
+    one. The gateway's capacity probes are answered 404 (it advertises nothing) and are neither."""
 
     answers: list[Script]
     requests: list[bytes] = field(default_factory=list)
@@ -22,7 +23,7 @@ class Scripted:
     asked: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
+        counted = False
         try:
             while self.answers:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -34,6 +35,12 @@ class Scripted:
                     ),
                     0,
                 )
+                if head.startswith(b"GET /v1/capacity "):
+                    writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                    await writer.drain()
+                    continue
+                if not counted:
+                    counted, self.connections = True, self.connections + 1
                 self.requests.append(head + await reader.readexactly(length))
                 self.asked.set()
                 answer = self.answers.pop(0)

@@ -69,7 +69,7 @@ BAD = {
     "unknown pool key": (
         QUOTAS + "pools:\n  diffusion: {max_inflight: 8}\n",
         "q.yaml:16: pools.diffusion.max_inflight: unknown key; "
-        "expected one of: eject_after, eject_for, max_in_flight, reserved_for_paid",
+        "expected one of: eject_after, eject_for, hold_turn_for, line_length, max_in_flight, reserved_for_paid",
     ),
     "unknown top key": (
         QUOTAS + "limits: {}\n",

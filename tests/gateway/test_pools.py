@@ -15,6 +15,10 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
@@ -61,17 +65,32 @@ def _post(client: TestClient | httpx.Client, key: str, n: int = 1) -> httpx.Resp
     return client.post(PATH, json={"prompt": "x", "n": n}, headers={"Authorization": f"Bearer {key}"})
 
 
+def _failing_backend() -> Starlette:
+    """A backend that says it has the most room and fails every image request: the fleet places on it first."""
+
+    async def capacity(request: Request) -> Response:
+        reading = {"slots": 100, "queue_images": 0, "queued_images": 0, "running_images": 0}
+        return JSONResponse({**reading, "images_per_s": 1.0, "ready": True})
+
+    async def images(request: Request) -> Response:
+        return JSONResponse({"error": {"message": "GPU fault"}}, status_code=500)
+
+    return Starlette(routes=[Route("/v1/capacity", capacity), Route(PATH, images, methods=["POST"])])
+
+
 async def test_a_failing_upstream_is_set_aside_and_the_pool_keeps_serving(
     redis_url: str, upstream: StubUpstream, free_key: str
 ) -> None:
     registry = CollectorRegistry()
-    app = _app(redis_url, (DEAD, upstream.url), registry, "pools:\n  diffusion: {eject_after: 1, eject_for: 3600}\n")
-    with TestClient(app) as client:  # type: ignore[arg-type]
-        # Both idle: the first in the list is picked, and it refuses the connection.
-        first = _post(client, free_key)
-        assert first.status_code == 502 and first.json()["error"]["code"] == "upstream_error"
-        # Set aside now: every later request goes to the live one (without health, all would go to DEAD).
-        assert [_post(client, free_key).status_code for _ in range(3)] == [200, 200, 200]
+    with serve_in_thread(_failing_backend()) as failing:
+        app = _app(
+            redis_url, (failing, upstream.url), registry, "pools:\n  diffusion: {eject_after: 1, eject_for: 3600}\n"
+        )
+        with TestClient(app) as client:  # type: ignore[arg-type]
+            # The failing one has the most room: the first request is placed there, and fails (relayed, refunded).
+            assert _post(client, free_key).status_code == 500
+            # Set aside now: every later request goes to the live one, wherever the fleet placed it.
+            assert [_post(client, free_key).status_code for _ in range(3)] == [200, 200, 200]
     assert _refunded(registry) == 1
     assert len(upstream.seen) == 3
     assert registry.get_sample_value("quotagate_upstream_healthy_backends", {"pool": "diffusion"}) == 1

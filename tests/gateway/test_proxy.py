@@ -101,17 +101,24 @@ async def test_failed_upstream_answers_are_refunded(
     assert generate(client, keys["free"], n=3).status_code == 200  # all three images are still there
 
 
-async def test_unreachable_upstream_is_a_502_and_refunded(
+async def test_with_no_backend_answering_a_request_is_turned_away_uncharged(
     redis_url: str, config: Config, keys: dict[str, str], registry: CollectorRegistry
 ) -> None:
     app = create_app(settings_for(redis_url, "http://127.0.0.1:9"), config, registry=registry)
     with TestClient(app) as client:
         answer = generate(client, keys["free"], n=3)
-        assert answer.status_code == 502
-        assert answer.json()["error"]["code"] == "upstream_error"
-        assert requests_total(registry, "free", "upstream_error") == 1
-    labels = {"plan": "free", "reason": "upstream_error"}
-    assert registry.get_sample_value("quotagate_images_refunded_total", labels) == 3
+        assert answer.status_code == 503
+        assert answer.json()["error"]["code"] == "overloaded"
+        assert answer.headers["Retry-After"].isdigit()
+        assert requests_total(registry, "free", "shed") == 1
+        assert generate_quota_left(client, keys["free"]) == 3
+    assert registry.get_sample_value("quotagate_images_charged_total", {"plan": "free"}) == 0
+
+
+def generate_quota_left(client: TestClient, key: str) -> int:
+    usage = client.get("/v1/quota", headers={"Authorization": f"Bearer {key}"}).json()
+    (daily,) = [limit for limit in usage["limits"] if limit["kind"] == "daily"]
+    return int(daily["remaining"])
 
 
 @pytest.mark.parametrize(

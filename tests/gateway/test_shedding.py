@@ -1,4 +1,5 @@
-"""Load shedding: free is shed before pro when a pool is full, and a shed request costs nothing."""
+"""Load shedding: free waits before pro when the pool is full, a waiting request costs nothing, and without
+Redis each process bounds the pool alone with a jittered Retry-After."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def _until(check, what: str) -> None:  # type: ignore[no-untyped-def]
         time.sleep(0.01)
 
 
-async def test_under_overload_free_is_shed_while_pro_gets_through_and_shed_costs_nothing(
+async def test_under_overload_free_waits_while_pro_gets_through_and_waiting_costs_nothing(
     redis_url: str, redis_client: Redis, upstream: StubUpstream
 ) -> None:
     store = key_store(redis_client)
@@ -97,10 +98,11 @@ async def test_under_overload_free_is_shed_while_pro_gets_through_and_shed_costs
         held = [pool.submit(post, "free-a"), pool.submit(post, "free-b")]
         _until(lambda: len(upstream.seen) == 2, "the free requests never reached the upstream")
 
-        refused = post("free-c", 3)  # free's share (2 of 4) is taken
-        assert refused.status_code == 503
-        assert refused.json()["error"]["code"] == "overloaded"
-        assert RETRY_AFTER_S[0] <= int(refused.headers["Retry-After"]) <= RETRY_AFTER_S[1]
+        waiting = post("free-c", 3)  # free's share (2 of 4 images) is taken: it is told its turn
+        assert waiting.status_code == 503
+        assert waiting.json()["error"]["code"] == "overloaded"
+        assert waiting.headers["Quotagate-Line"].startswith("position=1,")
+        assert int(waiting.headers["Retry-After"]) >= 1
 
         held += [pool.submit(post, "pro-a"), pool.submit(post, "pro-a")]  # paid plans use the reserved share
         _until(lambda: len(upstream.seen) == 4, "pro never got through")
@@ -109,7 +111,8 @@ async def test_under_overload_free_is_shed_while_pro_gets_through_and_shed_costs
 
         upstream.gate.set()
         assert [h.result(timeout=HANG).status_code for h in held] == [200, 200, 200, 200]
-        # The shed request cost nothing: all three of free-c's images are still there.
+        assert post("pro-a").status_code == 200  # back for its turn, ahead of free's
+        # Waiting cost nothing: all three of free-c's images are still there, and its turn is kept.
         assert post("free-c", 3).status_code == 200
     assert registry.get_sample_value("quotagate_images_charged_total", {"plan": "free"}) == 5
 
@@ -118,13 +121,14 @@ async def test_a_request_refused_after_entering_the_pool_gives_its_place_back(
     redis_url: str, redis_client: Redis, upstream: StubUpstream
 ) -> None:
     key = await key_store(redis_client).create_key("free-d", "free")
-    config = parse_config(QUOTAS + "pools:\n  diffusion: {max_in_flight: 2, reserved_for_paid: 0.5}\n", source="q")
+    config = parse_config(QUOTAS + "pools:\n  diffusion: {max_in_flight: 4, reserved_for_paid: 0.5}\n", source="q")
     auth = {"Authorization": f"Bearer {key}"}
     with TestClient(create_app(settings_for(redis_url, upstream.url), config)) as client:
-        shedder = client.app.state.services.shedder  # type: ignore[attr-defined]
-        # Each enters the pool (free's share: 1 place) before its body is read and decided on.
+        places = client.app.state.services.places  # type: ignore[attr-defined]
         assert client.post(PATH, content=b"not json", headers=auth).status_code == 400
         assert client.post(PATH, json={"prompt": "x", "n": 100}, headers=auth).status_code == 400
         assert client.post(PATH, json={"prompt": "x", "n": 3}, headers=auth).status_code == 200
-        assert shedder.in_flight("diffusion") == 0  # each gave its place back: none was shed
+        assert places.in_flight("diffusion") == 0
+        # Its quota spent, the decision refuses it after it took a place: the place goes back.
         assert client.post(PATH, json={"prompt": "x"}, headers=auth).status_code == 429
+        assert places.in_flight("diffusion") == 0

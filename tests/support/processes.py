@@ -177,6 +177,13 @@ class ServiceSet:
         command = [sys.executable, "-m", "tests.support.upstream", str(port), "answer"]
         return self.spawn(name, command, port, {"STUB_SEEN_FILE": str(self.tmp / f"{name}.seen.jsonl")})
 
+    def capacity_backend(self, slots: int, queue: int, rate: float, name: str = "capacity") -> Service:
+        """An image service that advertises `slots` + `queue` images at `rate` a second and counts what it holds
+        (tests/support/capacity_backend.py)."""
+        port = free_port()
+        command = [sys.executable, "-m", "tests.support.capacity_backend", str(port), str(slots), str(queue), str(rate)]
+        return self.spawn(name, command, port)
+
     async def create_key(self, redis_url: str, account: str, plan: str) -> str:
         """A new API key, remembered so that the log check looks for it."""
         key = await create_key(redis_url, account, plan)
