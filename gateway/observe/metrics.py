@@ -44,7 +44,7 @@ NO_PLAN_OUTCOMES = ("unauthorized", "store_unavailable", "shed", "bad_request")
 # What a plan's shadow limits would have decided for a request its enforced limits admitted.
 SHADOW_OUTCOMES = ("allowed", "rate_limited", "quota_exhausted")
 # Where a Redis call failed.
-REDIS_OPERATIONS = ("authenticate", "decide", "refund", "keep_answer", "readyz", "reload")
+REDIS_OPERATIONS = ("authenticate", "decide", "refund", "keep_answer", "readyz", "reload", "brownout")
 RELOAD_RESULTS = ("success", "failure")
 # What `on_store_failure` did with a request while Redis could not decide it.
 STORE_FAILURE_ACTIONS = ("allowed", "denied")
@@ -190,6 +190,15 @@ class GatewayMetrics:
                 ["pool"],
                 registry=registry,
                 multiprocess_mode="livemin",
+            )
+        )
+        self.brownout_active = Labelled(
+            Gauge(
+                "quotagate_brownout_active",
+                "1 while the brownout rule applies (its plan's limits lowered until the line shortens), else 0.",
+                ["rule"],
+                registry=registry,
+                multiprocess_mode="livemax",
             )
         )
         self._version: str | None = None

@@ -73,11 +73,11 @@ BAD = {
     ),
     "unknown top key": (
         QUOTAS + "limits: {}\n",
-        "q.yaml:15: limits: unknown key; expected one of: overrides, plans, pools, routes, timezone",
+        "q.yaml:15: limits: unknown key; expected one of: brownout, overrides, plans, pools, routes, timezone",
     ),
     "blank key": (
         QUOTAS + '" ": 1\n',
-        "q.yaml:15: ' ': unknown key; expected one of: overrides, plans, pools, routes, timezone",
+        "q.yaml:15: ' ': unknown key; expected one of: brownout, overrides, plans, pools, routes, timezone",
     ),
     "unknown plan key": (
         QUOTAS.replace("    priority: 0\n", "    priority: 0\n    colour: blue\n"),
