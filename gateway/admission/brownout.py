@@ -144,6 +144,11 @@ class Brownouts:
         """The rules that applied at this process's last tick (no I/O): pass it to `Config.plan_at`."""
         return self._applied
 
+    async def states(self) -> dict[str, RuleState]:
+        """Where each rule that applies or is counting stands in Redis now (a rule left out is idle)."""
+        raw = await self._redis.hgetall(self._key)
+        return {_text(name): RuleState.decode(value) for name, value in raw.items()}
+
     async def tick(self, now: float | None = None) -> frozenset[str]:
         """Read each watched line's wait, move the shared state, and return the rules that apply.
 

@@ -196,8 +196,8 @@ def _config_check(args: argparse.Namespace) -> int:
             f" until {override.until.isoformat()} ({state}): {override.reason}"
         )
     for name, rule in config.brownouts.items():
-        override = config.overrides.get(rule.plan.name)
-        masked = override is not None and now < override.until.timestamp()
+        first = config.overrides.get(rule.plan.name)
+        masked = first is not None and now < first.until.timestamp()
         print(
             f"  brownout {name}: while the {rule.line} line waits over {rule.waits_over_s:g} s for {rule.for_s:g} s,"
             f" plan {rule.plan.name} {_limits_of(rule.plan)}: {rule.reason}"
