@@ -198,14 +198,16 @@ class Brownouts:
     ) -> tuple[dict[str, RuleState], list[Change]] | None:
         """Advance the shared state in one transaction; None if other ticks kept winning the race."""
         for _ in range(MAX_ATTEMPTS):
+            # Redis's clock, read before the WATCH (a cluster refuses TIME inside one): a write by another
+            # tick in between is at most one round trip later, and any write after the WATCH starts again.
+            if now is None:
+                seconds, micros = await self._redis.time()
+                at = seconds + micros / 1e6
+            else:
+                at = now
             async with self._redis.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(self._key)
-                    if now is None:
-                        seconds, micros = await pipe.time()
-                        at = seconds + micros / 1e6
-                    else:
-                        at = now
                     raw = await pipe.hgetall(self._key)
                     before = {_text(name): RuleState.decode(value) for name, value in raw.items()}
                     after, changes = advance(before, rules, waits, at)

@@ -9,7 +9,7 @@ import asyncio
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,7 @@ from gateway.observe.metrics import GatewayMetrics
 from gateway.ops.embedded_redis import RedisServer
 from limits import RedisClient, connect
 from tests.conftest import MakeEngine
+from tests.limits.cluster import LocalCluster
 from tests.support.quotas import QUOTAS
 
 from .brownout_model import RuleModel
@@ -266,6 +267,33 @@ async def test_while_redis_is_unreachable_applied_rules_stay_applied(
     finally:
         await client.aclose()
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real three-master Redis Cluster (a cluster refuses some commands a single Redis takes)."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    yield cluster.url
+    cluster.stop()
+
+
+@pytest.mark.slow
+async def test_two_replicas_agree_on_a_redis_cluster_too(cluster_url: str) -> None:
+    one, two = connect(cluster_url), connect(cluster_url)
+    try:
+        config = config_with(rule_text())
+        first, second = Replica(one, config), Replica(two, config)
+        await first.brownouts.tick()  # on the cluster's clock: nothing read, nothing counted
+        assert await first.reads(T0, free=130) == NONE
+        assert await second.reads(T0 + 300, free=130) == APPLIED
+        assert await first.reads(T0 + 301) == APPLIED
+        first.waits = {"free": 0.0}
+        assert await first.brownouts.tick() == APPLIED  # the cluster's clock: long past T0, a run under starts
+        assert (await second.states())["free-one-a-day"].since is not None
+    finally:
+        await one.aclose()
+        await two.aclose()
 
 
 async def test_a_wait_that_cannot_be_read_is_unknown(redis_client: Redis) -> None:
