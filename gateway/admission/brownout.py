@@ -146,8 +146,7 @@ class Brownouts:
 
     async def states(self) -> dict[str, RuleState]:
         """Where each rule that applies or is counting stands in Redis now (a rule left out is idle)."""
-        raw = await self._redis.hgetall(self._key)
-        return {_text(name): RuleState.decode(value) for name, value in raw.items()}
+        return await read_states(self._redis, key=self._key)
 
     async def tick(self, now: float | None = None) -> frozenset[str]:
         """Read each watched line's wait, move the shared state, and return the rules that apply.
@@ -238,6 +237,17 @@ class Brownouts:
         self._exported |= rules.keys() | self._applied
         for name in self._exported:
             self._metrics.brownout_active.labels(name).set(int(name in self._applied))
+
+
+async def read_states(redis: RedisClient, *, key: str = KEY) -> dict[str, RuleState]:
+    """The shared state, one HGETALL: each rule that applies or is counting (a rule left out is idle)."""
+    raw = await redis.hgetall(key)
+    return {_text(name): RuleState.decode(value) for name, value in raw.items()}
+
+
+async def applied_in(redis: RedisClient, *, key: str = KEY) -> frozenset[str]:
+    """The rules that apply now, read from Redis: for the commands that run beside the gateways."""
+    return frozenset(name for name, state in (await read_states(redis, key=key)).items() if state.applied)
 
 
 def _announce(change: Change, rule: Brownout | None) -> None:

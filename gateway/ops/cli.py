@@ -16,6 +16,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from gateway.admission.brownout import applied_in
 from gateway.admission.identity import KeyStore
 from gateway.config.quotas import Config, Plan, load_config
 from gateway.config.settings import Settings
@@ -146,7 +147,8 @@ def _account_command(args: argparse.Namespace, action: Callable[[Accounts], Awai
         redis = connect(redis_url, timeout=5.0)
         try:
             async with Engine(redis) as engine:
-                return await action(Accounts(engine, KeyStore(redis, secret), lambda: config))
+                keys = KeyStore(redis, secret)
+                return await action(Accounts(engine, keys, lambda: config, brownouts=lambda: applied_in(redis)))
         finally:
             await redis.aclose()
 
@@ -160,6 +162,8 @@ def _describe(usage: dict[str, Any]) -> str:
     lines = [f"{usage['account']} (plan {usage['plan']})"]
     if "granted_today" in usage:
         lines[0] += f", {usage['granted_today']} images granted today"
+    if "temporary" in usage:
+        lines.append(f"  {usage['temporary']}")
     for limit in usage["limits"]:
         if limit["kind"] == "rate":
             state = f"{limit['remaining']} of {limit['burst']} left, full in {limit['full_in_s']:.0f} s"

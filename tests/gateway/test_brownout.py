@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.admission.brownout import Brownouts, RuleState
+from gateway.admission.brownout import Brownouts, RuleState, applied_in
 from gateway.admission.decision import admit
 from gateway.admission.identity import Identity
 from gateway.admission.storefailure import CircuitBreaker, LocalBudget, StoreGuard
@@ -27,10 +27,12 @@ from gateway.config.quotas import Brownout, Config, parse_config
 from gateway.errors import QuotaExceeded
 from gateway.observe.logs import JsonFormatter
 from gateway.observe.metrics import GatewayMetrics
+from gateway.ops.accounts import Accounts
 from gateway.ops.embedded_redis import RedisServer
 from limits import RedisClient, connect
 from tests.conftest import MakeEngine
 from tests.limits.cluster import LocalCluster
+from tests.support.keys import key_store
 from tests.support.quotas import QUOTAS
 
 from .brownout_model import RuleModel
@@ -338,6 +340,27 @@ async def test_while_applied_the_free_plan_is_refused_after_one_image(
     assert [await request(), await request()] == [None, None]
     refused = await request()
     assert refused is not None and "brownout" not in refused.message
+
+
+async def test_usage_shows_the_limits_in_force_while_a_rule_applies(
+    redis_client: Redis, make_engine: MakeEngine
+) -> None:
+    config = config_with(rule_text(for_s=0))
+    keys = key_store(redis_client)
+    await keys.create_key("ann", "free")
+    accounts = Accounts(make_engine(redis_client), keys, lambda: config, brownouts=lambda: applied_in(redis_client))
+    replica = Replica(redis_client, config)
+
+    async def daily() -> tuple[int | None, str | None]:
+        usage = await accounts.usage("ann")
+        (quota,) = [limit for limit in usage["limits"] if limit["kind"] == "daily"]
+        return quota["limit"], usage.get("temporary")
+
+    assert await daily() == (3, None)
+    await replica.reads(T0, free=130)
+    assert await daily() == (1, "Temporary limit (brownout free-one-a-day): GPUs saturated")
+    await replica.reads(T0, free=0)
+    assert await daily() == (3, None)
 
 
 # Every replica agrees with one shared state machine, whatever the waits and the order of their ticks.
