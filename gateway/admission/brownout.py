@@ -214,8 +214,8 @@ class Brownouts:
                     gone = [name for name in before if name not in after]
                     if written or gone:
                         pipe.multi()  # type: ignore[no-untyped-call]
-                        if written:
-                            pipe.hset(self._key, mapping=written)  # type: ignore[arg-type]  # its Mapping key type is invariant
+                        if written:  # (redis-py types `mapping` with an invariant key type: str alone fails)
+                            pipe.hset(self._key, mapping=written)  # type: ignore[arg-type]
                         if gone:
                             pipe.hdel(self._key, *gone)
                         await pipe.execute()
