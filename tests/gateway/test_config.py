@@ -58,6 +58,10 @@ BAD = {
         QUOTAS + "pools:\n  difusion: {max_in_flight: 8}\n",
         "q.yaml:16: pools.difusion: no route forwards to it; routes forward to: diffusion",
     ),
+    "pool share not a number": (  # NaN passes every comparison: it would reach the shedder's floor() and raise
+        QUOTAS + "pools:\n  diffusion: {reserved_for_paid: .nan}\n",
+        "q.yaml:16: pools.diffusion.reserved_for_paid: expected a number, got nan",
+    ),
     "pool share over one": (
         QUOTAS + "pools:\n  diffusion: {reserved_for_paid: 1.5}\n",
         "q.yaml:16: pools.diffusion.reserved_for_paid: must be from 0 to 1, got 1.5",
