@@ -28,6 +28,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gateway.admission.authguard import FailedAuthGuard
+from gateway.admission.brownout import Brownouts
 from gateway.admission.caller import Caller
 from gateway.admission.concurrency import Leases
 from gateway.admission.identity import KeyStore
@@ -134,6 +135,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         forwarder = Forwarder(upstream_client, settings.upstreams)
         places = PoolPlaces(Fleet(engine, place_ttl=settings.place_ttl), Shedder())
         pool_watch = PoolWatch(places, live_config, metrics)
+        brownouts = Brownouts(redis, lambda: live_config.current.brownouts, pool_watch.wait_of, metrics=metrics)
         capacity = CapacityWatcher(
             upstream_client,
             settings.upstreams,
@@ -159,6 +161,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             refusals=Refusals(near_cache),
             places=places,
             jobs=JobStore(redis, result_ttl=settings.job_result_ttl, result_bytes=settings.job_result_bytes),
+            brownouts=brownouts,
             capacity=capacity,
             leases=Leases(engine),
             forwarder=forwarder,
@@ -170,6 +173,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
             asyncio.create_task(dispatcher.run(stop_fleet)),
             asyncio.create_task(pool_watch.run(stop_fleet)),
             asyncio.create_task(capacity.run(stop_fleet)),
+            asyncio.create_task(brownouts.watch(stop_fleet)),
         ]
         try:
             with reload_on_sighup(live_config):

@@ -40,18 +40,25 @@ async def admit(
 
 
 def refusal(plan: Plan, decision: Decision) -> ApiError:
-    """The answer to a refused decision: 429 with Retry-After, or 400 if no wait would help."""
+    """The answer to a refused decision: 429 with Retry-After, or 400 if no wait would help.
+
+    A limit an override or a brownout changed says so, with its reason: the client learns why it was
+    refused sooner than the plan promises.
+    """
     state = decision.denied_by
     assert state is not None
     headers = {**rate_limit_headers(plan.limits, decision), **retry_after(decision)}
     limit = state.limit
+    temporary = plan.temporary
+    notice = f" {temporary.notice}" if temporary is not None and limit.name in temporary.limits else ""
     if isinstance(limit, Bucket):
         capacity, unit = limit.burst, "images at once"
     else:
         capacity, unit = limit.limit or 0, "images per day"
     if state.retry_after is None:
         return BadRequest(
-            f"This request costs {decision.cost} images; the {plan.name} plan allows at most {capacity} {unit}.",
+            f"This request costs {decision.cost} images; the {plan.name} plan allows at most {capacity} {unit}."
+            + notice,
             param="n",
             headers=headers,
         )
@@ -59,12 +66,12 @@ def refusal(plan: Plan, decision: Decision) -> ApiError:
     if isinstance(limit, Bucket):
         return RateLimited(
             f"Rate limit reached for the {plan.name} plan ({limit.rate} images per {limit.period} s, "
-            f"bursts of {limit.burst}). Retry in {wait} s.",
+            f"bursts of {limit.burst}). Retry in {wait} s." + notice,
             headers=headers,
         )
     return QuotaExceeded(
         f"You have used today's {capacity} images on the {plan.name} plan. "
-        f"The quota resets at midnight ({limit.timezone.key}); retry in {wait} s, or upgrade your plan.",
+        f"The quota resets at midnight ({limit.timezone.key}); retry in {wait} s, or upgrade your plan." + notice,
         headers=headers,
     )
 

@@ -5,32 +5,43 @@ secrets are not here: they are environment settings (gateway/config/settings.py)
 
 A temporary override replaces a plan's daily quota or rate until a set instant, then lapses by
 itself: the limits in force are a function of the time (`Config.plan_at`), so no reload is needed.
+A brownout rule replaces them the same way while the fleet's line for a plan waits too long; whether
+it applies now is kept in Redis (gateway/admission/brownout.py) and passed to `Config.plan_at`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import yaml
 
+from gateway.config.yamlnodes import NAME, NodeReader, show
 from gateway.errors import ConfigError
 from limits import MAX_RATE_PER_S, PERIODS, Bucket, DailyQuota, LimitSet
 
 MAX_IMAGES_PER_REQUEST = 10  # the OpenAI Images API's bound on `n`
 
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 _SIZE = re.compile(r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$")
 SHADOWABLE = ("daily_images", "rate")  # the plan keys whose limit can be put in shadow mode
 MAX_CONCURRENCY = 10_000  # a plan's concurrent requests per account; more than any pool holds
+
+
+@dataclass(frozen=True, slots=True)
+class Temporary:
+    """Why a plan's limits are not its own for now (an override or a brownout), told in refusals by those limits."""
+
+    notice: str  # a sentence added to the refusal's message, naming the override or brownout and its reason
+    limits: frozenset[str]  # the names of the limits it changed, e.g. free-daily
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +55,8 @@ class Plan:
     store_failure_budget: Bucket | None = None
     # Requests of one account in flight at once, across every replica (admission/concurrency.py); None: no limit.
     concurrency: int | None = None
+    # Set on the plan an override or a brownout puts in force; None on the plan as the file's `plans:` define it.
+    temporary: Temporary | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +105,22 @@ class Override:
 
 
 @dataclass(frozen=True, slots=True)
+class Brownout:
+    """A temporary limit that applies itself: `plan` is in force while the fleet's `line` waits too long.
+
+    It applies once every wait read for `line` has been over `waits_over_s` for `for_s` seconds, and lifts
+    once every wait read has been at or under it for `for_s` seconds (gateway/admission/brownout.py).
+    """
+
+    name: str
+    line: str  # the plan whose wait in the reservation line is watched
+    waits_over_s: float
+    for_s: float
+    plan: Plan  # the target plan as it stands while the rule applies
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """One loaded quota file."""
 
@@ -102,21 +131,35 @@ class Config:
     routes: Mapping[str, Route]  # by path
     overrides: Mapping[str, Override] = field(default_factory=lambda: MappingProxyType({}))  # by plan name
     pools: Mapping[str, PoolPolicy] = field(default_factory=lambda: MappingProxyType({}))  # by upstream pool name
+    brownouts: Mapping[str, Brownout] = field(default_factory=lambda: MappingProxyType({}))  # by rule name
     # The priority shed first when a pool is full; worked out once per load, not per request.
     lowest_priority: int = field(init=False)
+    # The brownout rule of each plan a rule targets (one at most): a request looks its plan up here.
+    _brownout_of_plan: Mapping[str, Brownout] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lowest_priority", min((p.priority for p in self.plans.values()), default=0))
+        by_plan = {rule.plan.name: rule for rule in self.brownouts.values()}
+        object.__setattr__(self, "_brownout_of_plan", MappingProxyType(by_plan))
 
     def pool(self, name: str) -> PoolPolicy:
         """The policy of the upstream pool `name` (the defaults if the file names none)."""
         return self.pools.get(name, DEFAULT_POOL)
 
-    def plan_at(self, name: str, now: float) -> Plan | None:
-        """The plan `name` as it applies at `now` (seconds since the epoch), its override included."""
+    def plan_at(self, name: str, now: float, brownouts: Collection[str] = ()) -> Plan | None:
+        """The plan `name` as it applies at `now` (seconds since the epoch) while the rules named in `brownouts`
+        apply: its override in force first, else its brownout applied, else the plan itself.
+
+        An override wins over a brownout of the same plan: it is ops' explicit, dated decision, and the way to
+        relax (or tighten) a brownout by hand without taking its rule out of the file.
+        """
         override = self.overrides.get(name)
         if override is not None and now < override.until.timestamp():
             return override.plan
+        if brownouts:
+            rule = self._brownout_of_plan.get(name)
+            if rule is not None and rule.name in brownouts:
+                return rule.plan
         return self.plans.get(name)
 
 
@@ -147,7 +190,9 @@ def parse_config(text: str, *, source: str) -> Config:
     reader = _Reader(source)
     if root is None:
         raise ConfigError(f"{source}:1: (file): empty; expected `plans` and `routes`")
-    top = reader.mapping(root, "(file)", required={"plans", "routes"}, optional={"timezone", "overrides", "pools"})
+    top = reader.mapping(
+        root, "(file)", required={"plans", "routes"}, optional={"timezone", "overrides", "pools", "brownout"}
+    )
     timezone = reader.timezone(top["timezone"], "timezone") if "timezone" in top else ZoneInfo("UTC")
     plans = {
         name: reader.plan(node, name, timezone) for name, node in reader.named_mapping(top["plans"], "plans").items()
@@ -173,6 +218,19 @@ def parse_config(text: str, *, source: str) -> Config:
                 node, f"pools.{name}", f"no route forwards to it; routes forward to: {', '.join(upstreams)}"
             )
         pools[name] = reader.pool(node, f"pools.{name}")
+    brownouts: dict[str, Brownout] = {}
+    targets: dict[str, str] = {}  # plan → the rule that targets it
+    for i, node in enumerate(reader.sequence(top["brownout"], "brownout") if "brownout" in top else ()):
+        rule = reader.brownout(node, f"brownout[{i}]", plans)
+        if rule.name in brownouts:
+            raise reader.error(node, f"brownout[{i}].name", f"{rule.name} names two rules; names are unique")
+        if rule.plan.name in targets:
+            raise reader.error(
+                node,
+                f"brownout[{i}].apply.plan",
+                f"{rule.plan.name} is already the target of rule {targets[rule.plan.name]}; keep one rule per plan",
+            )
+        brownouts[rule.name], targets[rule.plan.name] = rule, rule.name
     return Config(
         source=source,
         version=hashlib.sha256(text.encode()).hexdigest()[:12],
@@ -181,80 +239,12 @@ def parse_config(text: str, *, source: str) -> Config:
         routes=MappingProxyType(routes),
         overrides=MappingProxyType(overrides),
         pools=MappingProxyType(pools),
+        brownouts=MappingProxyType(brownouts),
     )
 
 
-class _Reader:
-    """Walks the YAML node tree, so every value keeps the line it came from."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self._constructor = yaml.constructor.SafeConstructor()
-
-    def error(self, node: yaml.Node, field: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.source}:{node.start_mark.line + 1}: {field}: {problem}")
-
-    def mapping(
-        self,
-        node: yaml.Node,
-        field: str,
-        *,
-        required: set[str],
-        optional: set[str] = frozenset(),  # type: ignore[assignment]
-    ) -> dict[str, yaml.Node]:
-        if not isinstance(node, yaml.MappingNode):
-            raise self.error(node, field, "expected a mapping")
-        out = self._entries(node, field)
-        for key, value in out.items():
-            if key not in required | optional:
-                allowed = ", ".join(sorted(required | optional))
-                raise self.error(value, _join(field, key), f"unknown key; expected one of: {allowed}")
-        missing = sorted(required - out.keys())
-        if missing:
-            raise self.error(node, _join(field, missing[0]), "required")
-        return out
-
-    def named_mapping(self, node: yaml.Node, field: str) -> dict[str, yaml.Node]:
-        if not isinstance(node, yaml.MappingNode) or not node.value:
-            raise self.error(node, field, "expected a mapping with at least one entry")
-        out = self._entries(node, field)
-        for name, value in out.items():
-            if not _NAME.match(name):
-                raise self.error(value, _join(field, name), "names are lowercase letters, digits, - and _")
-        return out
-
-    def sequence(self, node: yaml.Node, field: str) -> list[yaml.Node]:
-        if not isinstance(node, yaml.SequenceNode) or not node.value:
-            raise self.error(node, field, "expected a list with at least one entry")
-        return list(node.value)
-
-    def scalar(self, node: yaml.Node) -> Any:
-        if not isinstance(node, yaml.ScalarNode):
-            return node
-        return self._constructor.construct_object(node, deep=True)
-
-    def integer(self, node: yaml.Node, field: str, *, minimum: int, maximum: int | None = None) -> int:
-        value = self.scalar(node)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(node, field, f"expected a whole number, got {_show(value)}")
-        if value < minimum:
-            raise self.error(node, field, f"must be at least {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise self.error(node, field, f"must be at most {maximum:,}, got {value:,}")
-        return value
-
-    def string(self, node: yaml.Node, field: str) -> str:
-        value = self.scalar(node)
-        if not isinstance(value, str) or not value:
-            raise self.error(node, field, f"expected text, got {_show(value)}")
-        return value
-
-    def timezone(self, node: yaml.Node, field: str) -> ZoneInfo:
-        name = self.string(node, field)
-        try:
-            return ZoneInfo(name)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise self.error(node, field, f"unknown IANA time zone {name!r}") from exc
+class _Reader(NodeReader):
+    """Reads the quota file's own sections: plans, routes, pools, overrides and brownout rules."""
 
     def plan(self, node: yaml.Node, name: str, timezone: ZoneInfo) -> Plan:
         field = f"plans.{name}"
@@ -310,13 +300,13 @@ class _Reader:
         """The limits of a plan in shadow mode: computed and counted, never enforced."""
         if not isinstance(node, yaml.SequenceNode):
             raise self.error(
-                node, field, f"expected a list of limits (daily_images, rate), got {_show(self.scalar(node))}"
+                node, field, f"expected a list of limits (daily_images, rate), got {show(self.scalar(node))}"
             )
         names = set()
         for item in node.value:
             name = self.scalar(item)
             if name not in SHADOWABLE:
-                raise self.error(item, field, f"expected daily_images or rate, got {_show(name)}")
+                raise self.error(item, field, f"expected daily_images or rate, got {show(name)}")
             names.add(name)
         return names
 
@@ -339,8 +329,48 @@ class _Reader:
         return DailyQuota(name=f"{plan}-daily", counter="daily", limit=limit, timezone=timezone)
 
     def override(self, node: yaml.Node, field: str, plans: Mapping[str, Plan]) -> Override:
-        # The same counters as the plan's own limits, so what was used before the override still counts.
         entries = self.mapping(node, field, required={"plan", "until", "reason"}, optional={"daily_images", "rate"})
+        plan, changed = self.replaced(node, entries, field, plans)
+        until = self.instant(entries["until"], f"{field}.until")
+        reason = self.string(entries["reason"], f"{field}.reason")
+        notice = Temporary(f"Temporary limit until {until.isoformat()}: {reason}", changed)
+        return Override(plan=dataclasses.replace(plan, temporary=notice), until=until, reason=reason)
+
+    def brownout(self, node: yaml.Node, field: str, plans: Mapping[str, Plan]) -> Brownout:
+        entries = self.mapping(node, field, required={"name", "line", "waits_over", "for", "apply", "reason"})
+        name = self.string(entries["name"], f"{field}.name")
+        if not NAME.match(name):
+            raise self.error(entries["name"], f"{field}.name", "names are lowercase letters, digits, - and _")
+        line = self.string(entries["line"], f"{field}.line")
+        if line not in plans:
+            raise self.error(entries["line"], f"{field}.line", f"no plan {line!r}; plans: {', '.join(plans)}")
+        waits_over = self.seconds(entries["waits_over"], f"{field}.waits_over")
+        for_s = self.seconds(entries["for"], f"{field}.for")
+        apply = entries["apply"]
+        changes = self.mapping(apply, f"{field}.apply", required={"plan"}, optional={"daily_images", "rate"})
+        plan, changed = self.replaced(apply, changes, f"{field}.apply", plans)
+        reason = self.string(entries["reason"], f"{field}.reason")
+        notice = Temporary(f"Temporary limit (brownout {name}): {reason}", changed)
+        return Brownout(
+            name=name,
+            line=line,
+            waits_over_s=waits_over,
+            for_s=for_s,
+            plan=dataclasses.replace(plan, temporary=notice),
+            reason=reason,
+        )
+
+    def seconds(self, node: yaml.Node, field: str) -> float:
+        value = self.scalar(node)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise self.error(node, field, f"expected a number of seconds, like 300, got {show(value)}")
+        return self.number(node, field, minimum=0)
+
+    def replaced(
+        self, node: yaml.Node, entries: dict[str, yaml.Node], field: str, plans: Mapping[str, Plan]
+    ) -> tuple[Plan, frozenset[str]]:
+        """The plan `entries["plan"]` with the daily_images and/or rate `entries` set, and the names of those limits."""
+        # The same counters as the plan's own limits, so what was used before the change still counts.
         name = self.string(entries["plan"], f"{field}.plan")
         base = plans.get(name)
         if base is None:
@@ -348,45 +378,17 @@ class _Reader:
         if not {"daily_images", "rate"} & entries.keys():
             raise self.error(node, field, "set daily_images or rate (or both)")
         (bucket,), (quota,) = base.limits.buckets, base.limits.quotas
+        changed = set()
         # New numbers; whether each limit is enforced or in shadow mode stays the plan's.
         if "rate" in entries:
             bucket = dataclasses.replace(self.rate(entries["rate"], f"{field}.rate", name), shadow=bucket.shadow)
+            changed.add(bucket.name)
         if "daily_images" in entries:
             new = self.daily(entries["daily_images"], f"{field}.daily_images", name, quota.timezone)
             quota = dataclasses.replace(new, shadow=quota.shadow)
+            changed.add(quota.name)
         limits = LimitSet(buckets=(bucket,), quotas=(quota,))
-        return Override(
-            plan=dataclasses.replace(base, limits=limits),
-            until=self.instant(entries["until"], f"{field}.until"),
-            reason=self.string(entries["reason"], f"{field}.reason"),
-        )
-
-    def instant(self, node: yaml.Node, field: str) -> datetime:
-        """An ISO 8601 date and time with its UTC offset: a bare time would be ambiguous across zones and DST."""
-        expected = "expected a date and time like 2026-11-24T00:00:00+01:00"
-        value = self.scalar(node)
-        if isinstance(value, str):
-            try:
-                value = datetime.fromisoformat(value)
-            except ValueError as exc:
-                raise self.error(node, field, f"{expected}, got {value!r}") from exc
-        if not isinstance(value, datetime):
-            shown = value.isoformat() if isinstance(value, date) else _show(value)
-            raise self.error(node, field, f"{expected}, got {shown}")
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise self.error(
-                node, field, f"{value.isoformat()} has no UTC offset; write it like 2026-11-24T00:00:00+01:00 or ...Z"
-            )
-        return value
-
-    def number(self, node: yaml.Node, field: str, *, minimum: float, maximum: float | None = None) -> float:
-        value = self.scalar(node)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(node, field, f"expected a number, got {_show(value)}")
-        if value < minimum or (maximum is not None and value > maximum):
-            bounds = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
-            raise self.error(node, field, f"must be {bounds}, got {value}")
-        return float(value)
+        return dataclasses.replace(base, limits=limits), frozenset(changed)
 
     def pool(self, node: yaml.Node, field: str) -> PoolPolicy:
         keys = {"max_in_flight", "reserved_for_paid", "line_length", "hold_turn_for", "eject_after", "eject_for"}
@@ -436,26 +438,3 @@ class _Reader:
             if not _SIZE.match(size):
                 raise self.error(value, f"{field}.{size}", "sizes read WIDTHxHEIGHT, like 512x512")
         return out
-
-    def _entries(self, node: yaml.MappingNode, field: str) -> dict[str, yaml.Node]:
-        out: dict[str, yaml.Node] = {}
-        for key_node, value in node.value:
-            key = self.scalar(key_node)
-            if not isinstance(key, str):
-                raise self.error(key_node, field, f"keys must be text, got {_show(key)}")
-            if key in out:
-                raise self.error(key_node, _join(field, key), "appears twice")
-            out[key] = value
-        return out
-
-
-def _join(field: str, key: str) -> str:
-    if not key.strip() or key != key.strip() or not key.isprintable():
-        key = repr(key)  # a blank, padded or unprintable key would not read as a field name
-    return key if field == "(file)" else f"{field}.{key}"
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, yaml.Node):
-        return "a list" if isinstance(value, yaml.SequenceNode) else "a mapping"
-    return repr(value)

@@ -79,7 +79,7 @@ class Dispatcher:
 
     async def _start(self, job: jobs.Job, backend: str) -> None:
         services = self._services
-        plan = services.config.plan_at(job.plan, time.time())
+        plan = services.config.plan_at(job.plan, time.time(), services.brownouts.applied())
         if plan is None:
             await self._fail(job, 403, b'{"error":{"message":"This plan is no longer offered."}}')
             return

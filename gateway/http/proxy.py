@@ -96,7 +96,8 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
     try:
         identity = await services.caller.identify(request.headers, request.peer)
         record.account = identity.account
-        plan = config.plan_at(identity.plan, time.time())  # a temporary override lapses by itself
+        # A temporary override lapses by itself; a brownout applies while the fleet's line is long.
+        plan = config.plan_at(identity.plan, time.time(), services.brownouts.applied())
         if plan is None:
             raise Forbidden(f"This account's plan {identity.plan!r} is not offered; contact support.")
         plan_label = record.plan = plan.name

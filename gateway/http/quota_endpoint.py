@@ -19,7 +19,7 @@ async def quota(request: Request) -> Response:
     services: Services = request.app.state.services
     headers = header_fields(request.scope["headers"])  # as the proxied routes read them
     identity = await services.caller.identify(headers, request.client.host if request.client else None)
-    plan = services.config.plan_at(identity.plan, time.time())
+    plan = services.config.plan_at(identity.plan, time.time(), services.brownouts.applied())
     if plan is None:
         raise Forbidden(f"This account's plan {identity.plan!r} is not offered; contact support.")
     decision, used = await services.store.usage(identity.account, plan)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.admission.brownout import Brownouts
 from gateway.admission.caller import Caller
 from gateway.admission.concurrency import Leases
 from gateway.admission.jobs import JobStore
@@ -29,6 +30,7 @@ class Services:
     refusals: Refusals
     places: PoolPlaces
     jobs: JobStore
+    brownouts: Brownouts  # the brownout rules that apply now, fleet-wide
     capacity: CapacityWatcher  # what each backend can hold; told of every request for those that do not say
     leases: Leases
     forwarder: Forwarder

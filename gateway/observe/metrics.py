@@ -48,7 +48,7 @@ ETA_ERROR_BUCKETS = (0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0, 5.0)
 # What a plan's shadow limits would have decided for a request its enforced limits admitted.
 SHADOW_OUTCOMES = ("allowed", "rate_limited", "quota_exhausted")
 # Where a Redis call failed.
-REDIS_OPERATIONS = ("authenticate", "decide", "refund", "keep_answer", "readyz", "reload")
+REDIS_OPERATIONS = ("authenticate", "decide", "refund", "keep_answer", "readyz", "reload", "brownout")
 RELOAD_RESULTS = ("success", "failure")
 # What `on_store_failure` did with a request while Redis could not decide it.
 STORE_FAILURE_ACTIONS = ("allowed", "denied")
@@ -261,6 +261,15 @@ class GatewayMetrics:
                 "quotagate_line_wait_seconds",
                 "Seconds a request joining the plan's line now would wait for its turn (0 with no line).",
                 ["pool", "plan"],
+                registry=registry,
+                multiprocess_mode="livemax",
+            )
+        )
+        self.brownout_active = Labelled(
+            Gauge(
+                "quotagate_brownout_active",
+                "1 while the brownout rule applies (its plan's limits lowered until the line shortens), else 0.",
+                ["rule"],
                 registry=registry,
                 multiprocess_mode="livemax",
             )

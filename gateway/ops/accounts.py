@@ -6,7 +6,7 @@ Shared by the `quotagate usage|grant|reset` commands and the admin API, so both 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.admission.identity import KeyStore
@@ -22,16 +22,27 @@ class UnknownAccount(LookupError):
 class Accounts:
     """Operations on accounts, against the config `config()` returns now (it may be reloaded)."""
 
-    def __init__(self, engine: Engine, keys: KeyStore, config: Callable[[], Config]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        keys: KeyStore,
+        config: Callable[[], Config],
+        *,
+        brownouts: Callable[[], Awaitable[frozenset[str]]] | None = None,
+    ) -> None:
         self._engine = engine
         self._keys = keys
         self._config = config
+        self._brownouts = brownouts  # the brownout rules that apply now (gateway/admission/brownout.py)
 
     async def usage(self, account: str) -> dict[str, Any]:
         """Where each of the account's limits stands; charges nothing."""
         plan = await self._plan(account)
         decision, used = await self._engine.usage(account, plan.limits)
-        return {"account": account, "plan": plan.name, "limits": limits_view(decision, used)}
+        usage = {"account": account, "plan": plan.name, "limits": limits_view(decision, used)}
+        if plan.temporary is not None:  # an override or a brownout: what a refused client would read
+            usage["temporary"] = plan.temporary.notice
+        return usage
 
     async def grant(self, account: str, images: int) -> dict[str, Any]:
         """Add `images` to the account's daily quota for today (a support gesture); returns the usage after."""
@@ -53,7 +64,8 @@ class Accounts:
         if name is None:
             raise UnknownAccount(f"no account {account!r}")
         config = self._config()
-        plan = config.plan_at(name, time.time())  # with its temporary override, as the gateway charges it
+        applied = await self._brownouts() if self._brownouts is not None else frozenset()
+        plan = config.plan_at(name, time.time(), applied)  # with its override or brownout, as the gateway charges it
         if plan is None:
             raise UnknownAccount(f"account {account!r} is on plan {name!r}, which {config.source} does not offer")
         return plan

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.admission.brownout import applied_in
 from gateway.admission.identity import KeyStore
 from gateway.config.quotas import Config, parse_config, read_config_text
 from gateway.config.settings import Settings
@@ -83,7 +84,8 @@ def create_admin_app(settings: Settings, token: bytes) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         redis = connect(settings.redis_url, timeout=max(settings.redis_timeout, 2.0))
         engine = Engine(redis)
-        app.state.accounts = Accounts(engine, KeyStore(redis, settings.key_secret), config)
+        keys = KeyStore(redis, settings.key_secret)
+        app.state.accounts = Accounts(engine, keys, config, brownouts=lambda: applied_in(redis))
         try:
             yield
         finally:

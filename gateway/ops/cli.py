@@ -16,8 +16,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from gateway.admission.brownout import applied_in
 from gateway.admission.identity import KeyStore
-from gateway.config.quotas import Config, load_config
+from gateway.config.quotas import Config, Plan, load_config
 from gateway.config.settings import Settings
 from gateway.errors import ConfigError
 from gateway.observe.metrics import shared_across_workers
@@ -146,7 +147,8 @@ def _account_command(args: argparse.Namespace, action: Callable[[Accounts], Awai
         redis = connect(redis_url, timeout=5.0)
         try:
             async with Engine(redis) as engine:
-                return await action(Accounts(engine, KeyStore(redis, secret), lambda: config))
+                keys = KeyStore(redis, secret)
+                return await action(Accounts(engine, keys, lambda: config, brownouts=lambda: applied_in(redis)))
         finally:
             await redis.aclose()
 
@@ -160,6 +162,8 @@ def _describe(usage: dict[str, Any]) -> str:
     lines = [f"{usage['account']} (plan {usage['plan']})"]
     if "granted_today" in usage:
         lines[0] += f", {usage['granted_today']} images granted today"
+    if "temporary" in usage:
+        lines.append(f"  {usage['temporary']}")
     for limit in usage["limits"]:
         if limit["kind"] == "rate":
             state = f"{limit['remaining']} of {limit['burst']} left, full in {limit['full_in_s']:.0f} s"
@@ -184,19 +188,33 @@ def _config_check(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         summary = {"file": config.source, "ok": True, "version": config.version}
-        print(json.dumps(summary | {"plans": list(config.plans), "routes": list(config.routes)}))
+        listed = {"plans": list(config.plans), "routes": list(config.routes), "brownout": list(config.brownouts)}
+        print(json.dumps(summary | listed))
         return 0
     print(f"{config.source}: ok ({len(config.plans)} plans, {len(config.routes)} routes, version {config.version})")
     now = time.time()
     for name, override in config.overrides.items():
         state = "in force" if now < override.until.timestamp() else "expired: no longer applies"
-        (bucket,), (quota,) = override.plan.limits.buckets, override.plan.limits.quotas
-        daily = "unlimited" if quota.limit is None else quota.limit
         print(
-            f"  override {name}: daily_images {daily}, rate {bucket.rate}/{bucket.period}s burst {bucket.burst}"
+            f"  override {name}: {_limits_of(override.plan)}"
             f" until {override.until.isoformat()} ({state}): {override.reason}"
         )
+    for name, rule in config.brownouts.items():
+        first = config.overrides.get(rule.plan.name)
+        masked = first is not None and now < first.until.timestamp()
+        print(
+            f"  brownout {name}: while the {rule.line} line waits over {rule.waits_over_s:g} s for {rule.for_s:g} s,"
+            f" plan {rule.plan.name} {_limits_of(rule.plan)}: {rule.reason}"
+            + (f" (the override of plan {rule.plan.name} in force comes first)" if masked else "")
+        )
     return 0
+
+
+def _limits_of(plan: Plan) -> str:
+    """The daily quota and rate of `plan`, as `config check` lists them."""
+    (bucket,), (quota,) = plan.limits.buckets, plan.limits.quotas
+    daily = "unlimited" if quota.limit is None else quota.limit
+    return f"daily_images {daily}, rate {bucket.rate}/{bucket.period}s burst {bucket.burst}"
 
 
 def _target(args: argparse.Namespace) -> tuple[str, bytes, Config | None]:

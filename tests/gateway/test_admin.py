@@ -167,6 +167,7 @@ def test_config_check_answers_in_json_too(tmp_path: Path, quota_file: Path) -> N
         "version": "",
         "plans": ["free", "pro"],
         "routes": ["/v1/images/generations"],
+        "brownout": [],
     }
     bad = tmp_path / "bad.yaml"
     bad.write_text(QUOTAS.replace("daily_images: 3", "daily_images: three"))

@@ -58,6 +58,10 @@ BAD = {
         QUOTAS + "pools:\n  difusion: {max_in_flight: 8}\n",
         "q.yaml:16: pools.difusion: no route forwards to it; routes forward to: diffusion",
     ),
+    "pool share not a number": (  # NaN passes every comparison: it would reach the shedder's floor() and raise
+        QUOTAS + "pools:\n  diffusion: {reserved_for_paid: .nan}\n",
+        "q.yaml:16: pools.diffusion.reserved_for_paid: expected a number, got nan",
+    ),
     "pool share over one": (
         QUOTAS + "pools:\n  diffusion: {reserved_for_paid: 1.5}\n",
         "q.yaml:16: pools.diffusion.reserved_for_paid: must be from 0 to 1, got 1.5",
@@ -73,11 +77,11 @@ BAD = {
     ),
     "unknown top key": (
         QUOTAS + "limits: {}\n",
-        "q.yaml:15: limits: unknown key; expected one of: overrides, plans, pools, routes, timezone",
+        "q.yaml:15: limits: unknown key; expected one of: brownout, overrides, plans, pools, routes, timezone",
     ),
     "blank key": (
         QUOTAS + '" ": 1\n',
-        "q.yaml:15: ' ': unknown key; expected one of: overrides, plans, pools, routes, timezone",
+        "q.yaml:15: ' ': unknown key; expected one of: brownout, overrides, plans, pools, routes, timezone",
     ),
     "unknown plan key": (
         QUOTAS.replace("    priority: 0\n", "    priority: 0\n    colour: blue\n"),

@@ -9,8 +9,10 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from backend.cli import _parser as backend_parser
@@ -34,7 +36,45 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_promtool_accepts_the_alert_rules() -> None:
     checked = _promtool("check", "rules", "alerts.yml")
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 4 rules found" in checked.stdout
+    assert "SUCCESS: 5 rules found" in checked.stdout
+
+
+def test_the_brownout_alert_fires_while_a_rule_applies_and_names_it(tmp_path: Path) -> None:
+    """Prometheus's own rule engine (`promtool test rules`) over two replicas' gauges: firing while either
+    reports the rule applied, silent before and after, one alert per rule whatever the number of replicas."""
+    rules = yaml.safe_load((CONFIG / "prometheus/alerts.yml").read_text())["groups"][0]["rules"]
+    (alert,) = [rule for rule in rules if rule["alert"] == "QuotagateBrownout"]
+    named = {key: text.replace("{{ $labels.rule }}", "free-one-a-day") for key, text in alert["annotations"].items()}
+    assert "free-one-a-day" in named["summary"]
+
+    def gauge(instance: str, rule: str, values: str) -> dict[str, str]:
+        labels = f'rule="{rule}", instance="{instance}", job="quotagate-gateway"'
+        return {"series": f"quotagate_brownout_active{{{labels}}}", "values": values}
+
+    def expect(minute: int, *firing: str) -> dict[str, Any]:
+        alerts = [{"exp_labels": {"severity": "ticket", "rule": rule}, "exp_annotations": named} for rule in firing]
+        return {"eval_time": f"{minute}m", "alertname": "QuotagateBrownout", "exp_alerts": alerts}
+
+    test = {
+        "rule_files": [str(CONFIG / "prometheus/alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    gauge("gw-1:8000", "free-one-a-day", "0 0 1 1 1 0 0"),
+                    gauge("gw-2:8000", "free-one-a-day", "0 0 1 1 0 0 0"),
+                    gauge("gw-1:8000", "pro-slower", "0 0 0 0 0 0 0"),
+                ],
+                "alert_rule_test": [expect(1), expect(2, "free-one-a-day"), expect(4, "free-one-a-day"), expect(5)],
+            }
+        ],
+    }
+    path = tmp_path / "brownout_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    checked = _promtool("test", "rules", str(path))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS" in checked.stdout
 
 
 def test_promtool_accepts_the_example_scrape_config_and_its_rules() -> None:

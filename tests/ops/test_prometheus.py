@@ -45,6 +45,11 @@ BODY = {"prompt": "a lighthouse", "n": 1, "size": "64x64", "response_format": "b
 SLOW = {**BODY, "size": "256x256", "steps": 4}
 
 
+# Alerts this stack does not make happen, and the test that proves each with Prometheus's rule engine instead.
+# The quota file here has no brownout rule, so no gateway exports quotagate_brownout_active.
+PROVED_ELSEWHERE = {"QuotagateBrownout": "tests/ops/test_deployment_files.py (promtool test rules)"}
+
+
 def alert_rules() -> list[dict[str, Any]]:
     return [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
 
@@ -224,7 +229,7 @@ async def _run(services: ServiceSet, quotas: Path, redis_url: str, prometheus_bi
         assert await _send(client, orphan.url, keys["pro"], 3) == [503, 503, 503]
     await asyncio.to_thread(quotas.write_text, "plans: [this is not a quota file\n")
 
-    rules = alert_rules()
+    rules = [rule for rule in alert_rules() if rule["alert"] not in PROVED_ELSEWHERE]
     prometheus.wait_for(
         "every alert's condition", lambda: [rule["alert"] for rule in rules if not prometheus.query(rule["expr"])]
     )
