@@ -133,19 +133,22 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         )
         engine = Engine(redis, near_cache=near_cache)
         forwarder = Forwarder(upstream_client, settings.upstreams)
-        places = PoolPlaces(Fleet(engine, place_ttl=settings.place_ttl), Shedder(), breaker)
-        pool_watch = PoolWatch(places, live_config, metrics)
-        brownouts = Brownouts(redis, lambda: live_config.current.brownouts, pool_watch.wait_of, metrics=metrics)
+        fleet = Fleet(engine, place_ttl=settings.place_ttl)
         capacity = CapacityWatcher(
             upstream_client,
             settings.upstreams,
-            places.fleet,
+            fleet,
             every=settings.capacity_poll,
+            # A backend busy making images may be slow to answer; its last reading lives 3 polls meanwhile.
+            timeout=2 * settings.capacity_poll,
             set_aside=forwarder.is_set_aside,
             learn=learn_unadvertised,
         )
         # The pools' capacity is known before the first request is let in.
         await capacity.poll_once(time.monotonic())
+        places = PoolPlaces(fleet, Shedder(), breaker, refresh=capacity.refresh)
+        pool_watch = PoolWatch(places, live_config, metrics)
+        brownouts = Brownouts(redis, lambda: live_config.current.brownouts, pool_watch.wait_of, metrics=metrics)
         for pool in settings.upstreams:
             metrics.upstream_healthy.labels(pool).set(forwarder.healthy(pool))
         stop_watching = asyncio.Event()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from gateway.admission.renewal import Renewal
@@ -26,6 +27,10 @@ from limits import Admitted, Fleet, LimitsError, LinePlan, Place, PoolRules, Que
 
 # Retry-After for a request turned away because no backend is live.
 NO_BACKEND_RETRY_S = 5
+
+
+async def _nothing() -> None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +46,18 @@ class Held:
 class PoolPlaces:
     """Takes and gives back places in the pools, and renews those this process holds."""
 
-    def __init__(self, fleet: Fleet, shedder: Shedder, breaker: CircuitBreaker) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        shedder: Shedder,
+        breaker: CircuitBreaker,
+        *,
+        refresh: Callable[[], Awaitable[None]] = _nothing,
+    ) -> None:
         self.fleet = fleet
+        # Reads the backends' capacity again now (gateway/upstream/capacity.py): when no backend is live for a
+        # request, one may have come up since the last poll, or Redis may have lost the readings.
+        self._refresh = refresh
         self._shedder = shedder
         self._breaker = breaker  # the store's: while it is open, Redis is not waited on
         self._renewal = Renewal[Place]("pool places", fleet.place_ttl, self._renew_all, self._leave_all)
@@ -75,16 +90,10 @@ class PoolPlaces:
         if not self._breaker.allow():
             return self._alone(config, pool, plan)
         try:
-            entered = await self.fleet.enter(
-                pool,
-                rules,
-                plan.name,
-                account,
-                images,
-                queue="job" if job is not None else "sync",
-                account_places=plan.concurrency or 1,
-                ticket=job,
-            )
+            entered = await self._enter(pool, rules, plan, account, images, job)
+            if entered == Turned("no_capacity", 0):
+                await self._refresh()
+                entered = await self._enter(pool, rules, plan, account, images, job)
         except LimitsError:
             self._breaker.failed()
             return self._alone(config, pool, plan)
@@ -125,6 +134,20 @@ class PoolPlaces:
                     f"No image service is available right now; retry in {NO_BACKEND_RETRY_S} s. You were not charged.",
                     headers={"Retry-After": str(NO_BACKEND_RETRY_S)},
                 )
+
+    async def _enter(
+        self, pool: str, rules: PoolRules, plan: Plan, account: str, images: int, job: str | None
+    ) -> Admitted | Queued | Turned:
+        return await self.fleet.enter(
+            pool,
+            rules,
+            plan.name,
+            account,
+            images,
+            queue="job" if job is not None else "sync",
+            account_places=plan.concurrency or 1,
+            ticket=job,
+        )
 
     def _alone(self, config: Config, pool: str, plan: Plan) -> Held:
         """A place in this process's own bound on `pool`, while Redis cannot be reached."""

@@ -160,6 +160,8 @@ class CapacityWatcher:
         self._learned = {(pool, url): learn() for pool, urls in self._pools.items() for url in urls}
         self._states: dict[tuple[str, str], _State] = {}
         self._sink_problem: str | None = None
+        self._last_round = -math.inf  # when the last round began, on `clock`
+        self._refreshing: asyncio.Future[None] | None = None
         self._round_problem: str | None = None
 
     @property
@@ -181,6 +183,7 @@ class CapacityWatcher:
 
     async def poll_once(self, now: float) -> None:
         """One round: ask every backend, then advertise or forget each one; sink errors are logged, not raised."""
+        self._last_round = self._clock()
         backends = list(self._origins)
         answers = await asyncio.gather(*(self._poll(self._origins[url]) for url in backends))
         polled = dict(zip(backends, answers, strict=True))
@@ -196,6 +199,16 @@ class CapacityWatcher:
                 raise outcome  # cancelled: the round is over
         failures = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
         self._note_sink(failures[0] if failures else None)
+
+    async def refresh(self) -> None:
+        """A round now, for a request that found no live backend (one may have just come up, or Redis lost the
+        readings): one round at a time, shared by every request waiting on it, and none within a tenth of
+        `every` of the last."""
+        if self._refreshing is None or self._refreshing.done():
+            if self._clock() - self._last_round < self.every / 10:
+                return
+            self._refreshing = asyncio.ensure_future(self.poll_once(self._clock()))
+        await asyncio.shield(self._refreshing)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll every `every` seconds until `stop` is set."""

@@ -20,7 +20,7 @@ local ttl, grace = tonumber(ARGV[A + 7]), tonumber(ARGV[A + 8])
 local account_places, line_cap = tonumber(ARGV[A + 9]), tonumber(ARGV[A + 10])
 local plan = by_name[ARGV[A + 11]]
 local cap, rate, live = capacity(ceiling)
-if live == 0 then return {-1, 'no_capacity', 0} end
+if live == 0 or cap == 0 then return {-1, 'no_capacity', 0} end  -- none live, or every one still loading
 local rate_milli = math.floor(rate * 1000)
 local who = plan.name .. '\n' .. account
 

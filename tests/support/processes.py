@@ -171,11 +171,15 @@ class ServiceSet:
         command += ["--data-dir", str(data_dir), "--admin-port", str(admin_port)]
         return self.spawn("up", command, port)
 
-    def stub_upstream(self, name: str = "stub") -> Service:
-        """The stub image service in its own process; the headers it receives go to `<tmp>/<name>.seen.jsonl`."""
+    def stub_upstream(self, name: str = "stub", *, capacity: int | None = None) -> Service:
+        """The stub image service in its own process; the headers it receives go to `<tmp>/<name>.seen.jsonl`.
+        With `capacity` it advertises that many images; without, nothing (its capacity is learned)."""
         port = free_port()
         command = [sys.executable, "-m", "tests.support.upstream", str(port), "answer"]
-        return self.spawn(name, command, port, {"STUB_SEEN_FILE": str(self.tmp / f"{name}.seen.jsonl")})
+        env = {"STUB_SEEN_FILE": str(self.tmp / f"{name}.seen.jsonl")}
+        if capacity is not None:
+            env["STUB_CAPACITY"] = str(capacity)
+        return self.spawn(name, command, port, env)
 
     def capacity_backend(self, slots: int, queue: int, rate: float, name: str = "capacity") -> Service:
         """An image service that advertises `slots` + `queue` images at `rate` a second and counts what it holds

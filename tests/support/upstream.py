@@ -3,7 +3,8 @@
 In a thread, `StubUpstream` answers like the backend, or as the test tells it: fail with a status, hold each
 answer until a gate opens, or stream its head at once and the rest when the gate opens.
 
-As a process, `python -m tests.support.upstream PORT MODE`:
+As a process, `python -m tests.support.upstream PORT MODE` (advertising $STUB_CAPACITY images on
+`GET /v1/capacity` if set, else answering it 404 like a server that advertises nothing):
 `answer`: answers like the backend (400 unless the body is a JSON object with a string `prompt`; else `n`
 images), and appends the headers of every request, one JSON object a line, to $STUB_SEEN_FILE.
 `hold`: reads the request, prints `arrived`, never answers.
@@ -160,7 +161,15 @@ def process_app(mode: str) -> Starlette:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    return Starlette(routes=[Route("/v1/images/generations", images, methods=["POST"]), Route("/healthz", healthz)])
+    async def capacity(request: Request) -> Response:
+        if advertised is None:
+            return JSONResponse({"error": {"message": "not found"}}, status_code=404)
+        reading = {"slots": advertised, "queue_images": 0, "queued_images": 0, "running_images": 0}
+        return JSONResponse({**reading, "images_per_s": 100.0, "ready": True})
+
+    advertised = int(os.environ["STUB_CAPACITY"]) if os.environ.get("STUB_CAPACITY") else None
+    routes = [Route("/v1/images/generations", images, methods=["POST"]), Route("/healthz", healthz)]
+    return Starlette(routes=[*routes, Route("/v1/capacity", capacity)])
 
 
 def _answer(request: Request, raw: bytes, seen: IO[str] | None) -> Response:
