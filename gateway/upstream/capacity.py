@@ -202,10 +202,10 @@ class CapacityWatcher:
 
     async def refresh(self) -> None:
         """A round now, for a request that found no live backend (one may have just come up, or Redis lost the
-        readings): one round at a time, shared by every request waiting on it, and none within a tenth of
-        `every` of the last."""
+        readings): one round at a time, shared by every request waiting on it, and none within a quarter of a
+        second (or a tenth of `every`) of the last."""
         if self._refreshing is None or self._refreshing.done():
-            if self._clock() - self._last_round < self.every / 10:
+            if self._clock() - self._last_round < min(self.every / 10, 0.25):
                 return
             self._refreshing = asyncio.ensure_future(self.poll_once(self._clock()))
         await asyncio.shield(self._refreshing)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -275,3 +276,24 @@ def test_a_brownout_applies_itself_while_the_free_line_waits_and_lifts_itself_wh
         assert client.post(f"{gateway.url}{PATH}", json={"prompt": "x"}, headers=auth(waiting)).status_code == 200
         until(lambda: daily_limit() == 3, "the brownout lifted itself once the line was empty")
     assert gateway.metric("quotagate_brownout_active", rule="free-one-a-day") == 0
+
+
+def test_a_backend_that_comes_up_between_polls_serves_the_first_request_that_needs_it(
+    services: ServiceSet, redis_url: str
+) -> None:
+    port_holder = services.capacity_backend(2, 0, 5.0)  # named now, started below: its URL is the gateway's upstream
+    port_holder.kill()
+    config = quota_file(services.tmp, QUOTAS)
+    # Polls a minute apart: only the request itself can find that the backend came up.
+    gateway = services.gateway(None, config, redis_url, port_holder.url, {"QUOTAGATE_CAPACITY_POLL": "60"})
+    gateway.wait_ready("/readyz")
+    key = key_for(redis_url, "first")
+    turned = httpx.post(f"{gateway.url}{PATH}", json={"prompt": "x"}, headers=auth(key), timeout=HANG)
+    assert turned.status_code == 503 and "No image service" in turned.json()["error"]["message"]
+    port = port_holder.url.rsplit(":", 1)[1]
+    backend = services.spawn(
+        "capacity-late", [sys.executable, "-m", "tests.support.capacity_backend", port, "2", "0"], int(port)
+    )
+    backend.wait_ready()
+    answer = httpx.post(f"{gateway.url}{PATH}", json={"prompt": "x"}, headers=auth(key), timeout=HANG)
+    assert answer.status_code == 200, answer.text
