@@ -60,6 +60,32 @@ _IMAGES = {
     },
 }
 
+_JOB = {
+    "type": "object",
+    "required": ["id", "object", "status", "created"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "image.job"},
+        "status": {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]},
+        "created": {"type": "integer"},
+        "position": {"type": "integer", "description": "while queued: 1 is next"},
+        "eta_s": {"type": "number", "description": "while queued: seconds until its turn"},
+        "result": {"$ref": "#/components/schemas/Images"},
+        "error": {"type": ["object", "null"]},
+        "status_code": {"type": "integer"},
+    },
+}
+
+
+def _job_answer(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}},
+    }
+
+
+_JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {
@@ -70,13 +96,21 @@ DOCUMENT: dict[str, Any] = {
     },
     "components": {
         "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer", "description": "qg_<id>_<secret>"}},
-        "schemas": {"Error": _ERROR, "GenerationRequest": _GENERATION_REQUEST, "Images": _IMAGES},
+        "schemas": {"Error": _ERROR, "GenerationRequest": _GENERATION_REQUEST, "Images": _IMAGES, "Job": _JOB},
     },
     "paths": {
         "/v1/images/generations": {
             "post": {
                 "operationId": "createImage",
                 "security": [{"apiKey": []}],
+                "parameters": [
+                    {
+                        "name": "Prefer",
+                        "in": "header",
+                        "schema": {"type": "string", "example": "respond-async"},
+                        "description": "respond-async: with no place now, 202 and a job rather than 503 and a turn",
+                    }
+                ],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerationRequest"}}},
@@ -86,6 +120,7 @@ DOCUMENT: dict[str, Any] = {
                         "description": "the images; charged",
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Images"}}},
                     },
+                    "202": _job_answer("with Prefer: respond-async and no place now: the job, at Location"),
                     "400": _error("the body is not a request the service accepts; refunded or never charged"),
                     "401": _error("missing, malformed, unknown or revoked API key"),
                     "403": _error("the account's plan is not offered"),
@@ -93,9 +128,37 @@ DOCUMENT: dict[str, Any] = {
                     "413": _error("the body is over the configured size"),
                     "429": _error("a daily quota is spent or a rate limit is reached; see Retry-After"),
                     "502": _error("the image service failed; refunded"),
-                    "503": _error("the quota store or the image service is unavailable; see Retry-After"),
+                    "503": _error(
+                        "no place now: Retry-After is the request's turn in line (Quotagate-Line: its position), "
+                        "kept for its account; or the quota store or the image service is unavailable"
+                    ),
                 },
             }
+        },
+        "/v1/images/jobs/{job_id}": {
+            "get": {
+                "operationId": "getImageJob",
+                "security": [{"apiKey": []}],
+                "parameters": [_JOB_ID],
+                "responses": {
+                    "200": _job_answer("how the job stands; the images once done"),
+                    "401": _error("missing, malformed, unknown or revoked API key"),
+                    "404": _error("no such job for this account"),
+                    "503": _error("the job store is unavailable; see Retry-After"),
+                },
+            },
+            "delete": {
+                "operationId": "cancelImageJob",
+                "security": [{"apiKey": []}],
+                "parameters": [_JOB_ID],
+                "responses": {
+                    "200": _job_answer("cancelled before it started (never charged), or its result forgotten"),
+                    "401": _error("missing, malformed, unknown or revoked API key"),
+                    "404": _error("no such job for this account"),
+                    "409": _error("the job has started; it can no longer be cancelled"),
+                    "503": _error("the job store is unavailable; see Retry-After"),
+                },
+            },
         },
         "/v1/quota": {
             "get": {
