@@ -205,15 +205,56 @@ def _exported(registry: CollectorRegistry) -> set[str]:
     }
 
 
-def test_the_metrics_catalogue_lists_every_metric_and_only_those() -> None:
-    documented = set(re.findall(r"^\| `(quotagate_\w+)` \|", METRICS_PAGE.read_text(), re.MULTILINE))
+def _every_metric() -> CollectorRegistry:
+    """A registry holding every series the gateway and the backend export."""
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     metrics.declare(["free"], ["/v1/images/generations"], ["diffusion"])
     metrics.loaded_config("v1")
     metrics.upstream_healthy.labels("diffusion").set(1)
+    for gauge in (metrics.fleet_capacity, metrics.fleet_drain, metrics.fleet_backends):
+        gauge.labels("diffusion").set(0)
+    for by_plan in (metrics.fleet_held, metrics.line_length, metrics.line_wait):
+        by_plan.labels("diffusion", "free").set(0)
+    metrics.brownout_active.labels("free-one-a-day").set(0)
     backend = BackendMetrics(registry)
     backend.queue_depth.labels(priority="0").set(0)
+    return registry
+
+
+def _dashboard_queries() -> list[str]:
+    dashboard = json.loads((CONFIG / "grafana/quotagate.json").read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def test_the_dashboard_and_the_alerts_name_only_exported_series() -> None:
+    exported = _exported(_every_metric())
+    alerts = [rule["expr"] for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
+    for expr in _dashboard_queries() + alerts:
+        assert set(re.findall(r"\bquotagate_\w+", expr)) <= exported, expr
+
+
+@pytest.mark.parametrize(
+    "series",
+    [
+        "quotagate_fleet_capacity_images",
+        "quotagate_fleet_held_images",
+        "quotagate_fleet_live_backends",
+        "quotagate_fleet_drain_images_per_second",
+        "quotagate_line_length",
+        "quotagate_line_wait_seconds",
+        "quotagate_line_eta_error_ratio_bucket",
+        "quotagate_jobs_total",
+        "quotagate_brownout_active",
+    ],
+)
+def test_the_dashboard_charts_the_fleet_and_its_line(series: str) -> None:
+    assert any(re.search(rf"\b{series}\b", expr) for expr in _dashboard_queries())
+
+
+def test_the_metrics_catalogue_lists_every_metric_and_only_those() -> None:
+    documented = set(re.findall(r"^\| `(quotagate_\w+)` \|", METRICS_PAGE.read_text(), re.MULTILINE))
+    registry = _every_metric()
     exported = _exported(registry)
     assert documented - exported == set(), "documented but not exported"
     families = {family.name for family in registry.collect()}
