@@ -1,4 +1,4 @@
-"""The fleet's gauges: what Redis holds for each routed pool, and NaN (unknown), never stale, while it cannot be read."""
+"""The fleet's gauges: what Redis holds for each routed pool, and NaN (unknown), never stale, while it cannot."""
 
 from __future__ import annotations
 
