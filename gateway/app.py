@@ -133,7 +133,7 @@ def create_app(settings: Settings, config: Config, *, registry: CollectorRegistr
         )
         engine = Engine(redis, near_cache=near_cache)
         forwarder = Forwarder(upstream_client, settings.upstreams)
-        places = PoolPlaces(Fleet(engine, place_ttl=settings.place_ttl), Shedder())
+        places = PoolPlaces(Fleet(engine, place_ttl=settings.place_ttl), Shedder(), breaker)
         pool_watch = PoolWatch(places, live_config, metrics)
         brownouts = Brownouts(redis, lambda: live_config.current.brownouts, pool_watch.wait_of, metrics=metrics)
         capacity = CapacityWatcher(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from gateway.admission.renewal import Renewal
 from gateway.admission.shedding import Shedder, Slot
+from gateway.admission.storefailure import CircuitBreaker
 from gateway.config.quotas import Config, Plan
 from gateway.errors import ConcurrencyLimited, Overloaded
 from limits import Admitted, Fleet, LimitsError, LinePlan, Place, PoolRules, Queued, Turned
@@ -40,9 +41,10 @@ class Held:
 class PoolPlaces:
     """Takes and gives back places in the pools, and renews those this process holds."""
 
-    def __init__(self, fleet: Fleet, shedder: Shedder) -> None:
+    def __init__(self, fleet: Fleet, shedder: Shedder, breaker: CircuitBreaker) -> None:
         self.fleet = fleet
         self._shedder = shedder
+        self._breaker = breaker  # the store's: while it is open, Redis is not waited on
         self._renewal = Renewal[Place]("pool places", fleet.place_ttl, self._renew_all, self._leave_all)
         self._rules_of: Config | None = None
         self._rules: dict[str, PoolRules] = {}
@@ -70,6 +72,8 @@ class PoolPlaces:
         the account already has its plan's number of jobs in the line.
         """
         rules = self.rules(config, pool)
+        if not self._breaker.allow():
+            return self._alone(config, pool, plan)
         try:
             entered = await self.fleet.enter(
                 pool,
@@ -82,9 +86,9 @@ class PoolPlaces:
                 ticket=job,
             )
         except LimitsError:
-            policy = config.pool(pool)
-            lowest = plan.priority <= config.lowest_priority
-            return Held(pool, None, slot=self._shedder.enter(pool, policy, lowest_priority=lowest))
+            self._breaker.failed()
+            return self._alone(config, pool, plan)
+        self._breaker.succeeded()
         match entered:
             case Admitted(place=place, backend=backend):
                 self.hold(place)
@@ -121,6 +125,11 @@ class PoolPlaces:
                     f"No image service is available right now; retry in {NO_BACKEND_RETRY_S} s. You were not charged.",
                     headers={"Retry-After": str(NO_BACKEND_RETRY_S)},
                 )
+
+    def _alone(self, config: Config, pool: str, plan: Plan) -> Held:
+        """A place in this process's own bound on `pool`, while Redis cannot be reached."""
+        lowest = plan.priority <= config.lowest_priority
+        return Held(pool, None, slot=self._shedder.enter(pool, config.pool(pool), lowest_priority=lowest))
 
     def hold(self, place: Place) -> None:
         """Renew `place` (taken by `enter`, or a job's claimed by this process) until it is given back."""

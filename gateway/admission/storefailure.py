@@ -195,6 +195,13 @@ class StoreGuard:
         self.breaker.succeeded()
         return kept
 
+    def unreachable(self, plan: Plan, cost: int) -> None:
+        """Decide without Redis, which this request already failed to reach: the plan's `on_store_failure`.
+
+        So a hung Redis costs one request one timeout at most, not one per call it would make.
+        """
+        self._without_store(plan, cost, None)
+
     def _without_store(self, plan: Plan, cost: int, cause: StoreUnavailable | None) -> None:
         """Admit within the plan's local budget if it fails open, else raise ServiceUnavailable."""
         budget = plan.store_failure_budget

@@ -133,7 +133,11 @@ async def _proxy(services: Services, route: Route, request: Incoming, record: Re
             held = entered
             started = time.perf_counter()
             try:
-                decision = await admit(services.store, identity, plan, cost, key=bound)
+                if held.place is None:  # Redis was not reached for its place: the plan's on_store_failure decides
+                    services.store.unreachable(plan, cost)
+                    decision = None
+                else:
+                    decision = await admit(services.store, identity, plan, cost, key=bound)
             finally:  # refusals are decisions too
                 record.decision_ms = since_ms(started)
                 services.metrics.decision_seconds.observe(record.decision_ms / 1000)

@@ -233,3 +233,45 @@ def test_a_job_cancelled_before_it_starts_costs_nothing_and_never_runs(services:
 def _used_today(usage: dict[str, Any]) -> int:
     (daily,) = [limit for limit in usage["limits"] if limit["kind"] == "daily"]
     return int(daily["used"])
+
+
+BROWNOUT = """brownout:
+  - name: free-one-a-day
+    line: free
+    waits_over: 0
+    for: 0
+    apply: {plan: free, daily_images: 1}
+    reason: GPUs saturated
+"""
+
+
+def test_a_brownout_applies_itself_while_the_free_line_waits_and_lifts_itself_when_it_empties(
+    services: ServiceSet, redis_url: str
+) -> None:
+    backend = services.capacity_backend(1, 0, SLOW_RATE)
+    backend.wait_ready()
+    httpx.post(f"{backend.url}/gate/close")
+    config = quota_file(services.tmp, QUOTAS + BROWNOUT)
+    settings = {"QUOTAGATE_CAPACITY_POLL": "0.2", "QUOTAGATE_PLACE_TTL": "2"}
+    gateway = services.gateway(None, config, redis_url, backend.url, settings)
+    gateway.wait_ready("/readyz")
+    holder, waiting, watcher = (key_for(redis_url, who, "free") for who in ("holder", "waiting", "watcher"))
+
+    def daily_limit() -> int:
+        usage = httpx.get(f"{gateway.url}/v1/quota", headers=auth(watcher)).json()
+        (daily,) = [limit for limit in usage["limits"] if limit["kind"] == "daily"]
+        return int(daily["limit"])
+
+    assert daily_limit() == 3
+    with httpx.Client(timeout=HANG) as client:
+        held = _in_background(client, f"{gateway.url}{PATH}", holder)
+        until(lambda: stats(backend)["held"] == 1, "the one place is held")
+        assert client.post(f"{gateway.url}{PATH}", json={"prompt": "x"}, headers=auth(waiting)).status_code == 503
+        until(lambda: daily_limit() == 1, "the brownout applied itself while the free line waited")
+        assert gateway.metric("quotagate_brownout_active", rule="free-one-a-day") == 1
+        httpx.post(f"{backend.url}/gate/open")
+        held.join()
+        # Its turn: the line empties, and the brownout lifts itself.
+        assert client.post(f"{gateway.url}{PATH}", json={"prompt": "x"}, headers=auth(waiting)).status_code == 200
+        until(lambda: daily_limit() == 3, "the brownout lifted itself once the line was empty")
+    assert gateway.metric("quotagate_brownout_active", rule="free-one-a-day") == 0

@@ -64,6 +64,16 @@ def gateways(
         yield [gateway.url for gateway in running]
 
 
+@pytest.fixture(autouse=True)
+def _capacity_advertised(gateways: list[str], redis_url: str) -> None:
+    """Each test's Redis starts empty: wait for the gateways' next capacity poll to record the backend again."""
+    deadline = time.monotonic() + HANG
+    with redis.Redis.from_url(redis_url) as client:
+        while not client.exists("qg:{pool:diffusion}:backends"):
+            assert time.monotonic() < deadline, "the gateways never advertised the backend's capacity"
+            time.sleep(0.02)
+
+
 def _admin(env: dict[str, str], *args: str) -> dict[str, str]:
     done = subprocess.run([BIN / "quotagate", *args, "--json"], env=env, capture_output=True, text=True, check=True)
     return dict(json.loads(done.stdout))
