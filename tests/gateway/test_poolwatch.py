@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from gateway.admission.places import PoolPlaces
 from gateway.admission.poolwatch import PoolWatch
 from gateway.admission.shedding import Shedder
+from gateway.admission.storefailure import CircuitBreaker
 from gateway.config.quotas import parse_config
 from gateway.config.reload import LiveConfig
 from gateway.observe.metrics import GatewayMetrics
@@ -40,7 +41,7 @@ async def test_the_gauges_say_what_redis_holds_and_nan_while_it_cannot_be_read(
     metrics = GatewayMetrics(registry)
     config = parse_config(QUOTAS, source="quotas.yaml")
     metrics.declare(config.plans, config.routes, ["diffusion", "spare"])  # as the app does at start
-    places = PoolPlaces(Fleet(engine), Shedder())
+    places = PoolPlaces(Fleet(engine), Shedder(), CircuitBreaker())
     watch = PoolWatch(places, LiveConfig(config, quota_file(tmp_path), metrics), metrics)
 
     def pool(name: str) -> list[float | None]:
