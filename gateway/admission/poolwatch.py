@@ -1,6 +1,8 @@
 """The pools as the whole fleet sees them, read from Redis every second: for the metrics and the brownout rules.
 
-Every worker of every replica reads the same values, so the gauges agree wherever a scrape lands.
+Every worker of every replica reads the same values, so the gauges agree wherever a scrape lands. While a
+process cannot read them its gauges say NaN (unknown), never a stale or a made-up value: the highest any
+gateway reports is then the fleet's, which is how the dashboard and the alerts combine them.
 """
 
 from __future__ import annotations
@@ -8,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 
 from gateway.admission.places import PoolPlaces
+from gateway.config.quotas import Config
 from gateway.config.reload import LiveConfig
 from gateway.observe.metrics import GatewayMetrics
 
@@ -24,12 +28,14 @@ class PoolWatch:
         self._live_config = live_config
         self._metrics = metrics
         self._waits: dict[str, float] = {}
+        self._failing = False
 
     async def read_once(self) -> None:
+        """Read every routed pool's state into the gauges and the waits; raises if Redis cannot be read."""
         config = self._live_config.current
         waits: dict[str, float] = {}
         m = self._metrics
-        for pool in sorted({route.upstream for route in config.routes.values()}):
+        for pool in _routed(config):
             state = await self._places.fleet.state(pool, self._places.rules(config, pool))
             m.fleet_capacity.labels(pool).set(state.capacity)
             m.fleet_drain.labels(pool).set(state.images_per_s)
@@ -45,12 +51,38 @@ class PoolWatch:
         """Seconds a newcomer to `plan`'s line waits now (the longest over its pools); None before a reading."""
         return self._waits.get(plan)
 
+    async def refresh(self) -> None:
+        """One reading; if it fails, every wait and gauge is unknown until one succeeds (logged once per outage)."""
+        try:
+            await self.read_once()
+        except Exception as exc:
+            self._waits = {}
+            self._unknown()
+            if not self._failing:
+                self._failing = True
+                log.warning("could not read the pools' state (their gauges say NaN until it can): %s", exc)
+            return
+        if self._failing:
+            self._failing = False
+            log.info("the pools' state can be read again")
+
     async def run(self, stop: asyncio.Event, *, every: float = 1.0) -> None:
         while not stop.is_set():
-            try:
-                await self.read_once()
-            except Exception as exc:  # Redis away: the last values stand, and the next reading replaces them
-                self._waits = {}
-                log.warning("could not read the pools' state: %s", exc)
+            await self.refresh()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every)
+
+    def _unknown(self) -> None:
+        config = self._live_config.current
+        m = self._metrics
+        for pool in _routed(config):
+            for gauge in (m.fleet_capacity, m.fleet_drain, m.fleet_backends):
+                gauge.labels(pool).set(math.nan)
+            for plan in config.plans:
+                for by_plan in (m.fleet_held, m.line_length, m.line_wait):
+                    by_plan.labels(pool, plan).set(math.nan)
+
+
+def _routed(config: Config) -> list[str]:
+    """The pools a route forwards to: the only ones whose state is read (an unrouted pool has no line)."""
+    return sorted({route.upstream for route in config.routes.values()})

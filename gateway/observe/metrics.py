@@ -277,7 +277,7 @@ class GatewayMetrics:
         self._version: str | None = None
 
     def declare(self, plans: Iterable[str], routes: Iterable[str], pools: Iterable[str] = ()) -> None:
-        """Create every series at zero, so rates, dashboards and alerts see them before traffic."""
+        """Create every series at zero (but the fleet's), so rates, dashboards and alerts see them before traffic."""
         plans, routes = list(plans), list(routes)
         for plan in plans:
             self.images_charged.labels(plan)
@@ -301,13 +301,10 @@ class GatewayMetrics:
             self.redis_errors.labels(operation)
         for result in RELOAD_RESULTS:
             self.config_reloads.labels(result)
+        # Not the fleet's gauges: they appear at the first reading of Redis (gateway/admission/poolwatch.py), NaN
+        # if it fails, so a gateway that cannot read Redis never reports a pool with no capacity.
         for pool in pools:
             self.upstream_in_flight.labels(pool)
-            for gauge in (self.fleet_capacity, self.fleet_drain, self.fleet_backends):
-                gauge.labels(pool)
-            for plan in plans:
-                for by_plan in (self.fleet_held, self.line_length, self.line_wait):
-                    by_plan.labels(pool, plan)
         self.store_circuit_open.set(0)
 
     def loaded_config(self, version: str) -> None:

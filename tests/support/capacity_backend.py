@@ -1,9 +1,9 @@
 """An image service of fixed capacity that advertises it and counts what it holds, as a process of its own.
 
 `python -m tests.support.capacity_backend PORT SLOTS QUEUE [RATE]` serves:
-- `POST /v1/images/generations`: holds the request's `n` images until its gate is open, then answers 200 like
-  the backend. Past SLOTS + QUEUE images held it answers 503 (and counts it: a gateway that keeps the fleet
-  bound never sees one).
+- `POST /v1/images/generations` (or `/v1/images/edits`, for a second route): holds the request's `n` images until
+  its gate is open, then answers 200 like the backend. Past SLOTS + QUEUE images held it answers 503 (and counts
+  it: a gateway that keeps the fleet bound never sees one).
 - `GET /v1/capacity`: what it can hold, as the real backend advertises it, with RATE images per second.
 - `GET /stats`: images held now, the most ever held at once, images answered, 503s given, and the accounts
   in the order their requests arrived.
@@ -81,6 +81,7 @@ def capacity_backend(slots: int, queue: int, rate: float) -> Starlette:
     return Starlette(
         routes=[
             Route("/v1/images/generations", generate, methods=["POST"]),
+            Route("/v1/images/edits", generate, methods=["POST"]),
             Route("/v1/capacity", capacity),
             Route("/stats", read_stats),
             Route("/gate/close", close, methods=["POST"]),
