@@ -150,10 +150,17 @@ local function wait_for(images, rate)
   return math.ceil(images / rate * 1000000)
 end
 
--- Tickets ahead of one due at `turn` in `plan`'s line: those of higher plans, and its own line's earlier
--- turns while its own has not come; once it has, those late ones come after it.
+-- µs a client told to come back may take past its turn and still go before the later turns: Retry-After is
+-- whole seconds, so one back on time comes up to a second late, then its request's own way to the gateway.
+local RETURN_US = 1500000
+
+-- Tickets ahead of one due at `turn` in `plan`'s line: those of higher plans, and its own line's earlier turns
+-- while its own has not come. Once it has, only the earlier sync tickets whose holders are on their way back
+-- (their turn came less than RETURN_US ago) go first; those later still come after it.
 local function ahead_of_turn(plan, turn)
   local ahead = ahead_of_plan(plan)
-  if turn > now then ahead = ahead + redis.call('ZCOUNT', plan.line, '-inf', '(' .. us(turn)) end
-  return ahead
+  local before = '(' .. us(turn)
+  if turn > now then return ahead + redis.call('ZCOUNT', plan.line, '-inf', before) end
+  local since = us(now - RETURN_US)
+  return ahead + redis.call('ZCOUNT', plan.line, since, before) - redis.call('ZCOUNT', plan.jobs, since, before)
 end

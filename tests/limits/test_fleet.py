@@ -180,3 +180,32 @@ async def _steps(client: RedisClient, steps: list[Any], images: list[int]) -> No
                 assert turns == sorted(turns), f"{plan}'s line told a later arrival an earlier turn"
             waiting = await client.hgetall("qg:{pool:diffusion}:waiting")
             assert all(int(v) <= JOB_PLACES for k, v in waiting.items() if k.endswith(b"\njobs"))
+
+
+async def test_a_place_freed_after_a_turn_waits_for_its_holder_on_the_way_back_then_goes_on(fleet: Fleet) -> None:
+    await fleet.advertise(POOL, "http://a", 1, 1.0, 100, now=T0)
+    held = await fleet.enter(POOL, RULES, "pro", "x", 1, queue="sync", account_places=1, now=T0)
+    told = await fleet.enter(POOL, RULES, "pro", "s", 1, queue="sync", account_places=1, now=T0)
+    job = await fleet.enter(POOL, RULES, "pro", "j", 1, queue="job", account_places=1, now=T0)
+    assert isinstance(held, Admitted) and isinstance(told, Queued) and isinstance(job, Queued)
+    assert (told.wait, job.wait) == (1.0, 2.0)
+    await fleet.leave([held.place])
+    # Both turns have come; the sync holder is still within a second and a half of its own: its place waits.
+    assert await fleet.claim(POOL, RULES, now=T0 + 2.1) is None
+    back = await fleet.enter(POOL, RULES, "pro", "s", 1, queue="sync", account_places=1, now=T0 + 2.2)
+    assert isinstance(back, Admitted)
+    await fleet.leave([back.place])
+    assert (await fleet.claim(POOL, RULES, now=T0 + 2.3)) is not None
+
+
+async def test_a_holder_that_does_not_come_back_in_time_loses_its_precedence_not_its_turn(fleet: Fleet) -> None:
+    await fleet.advertise(POOL, "http://a", 1, 1.0, 100, now=T0)
+    held = await fleet.enter(POOL, RULES, "pro", "x", 1, queue="sync", account_places=1, now=T0)
+    told = await fleet.enter(POOL, RULES, "pro", "s", 1, queue="sync", account_places=1, now=T0)
+    job = await fleet.enter(POOL, RULES, "pro", "j", 1, queue="job", account_places=1, now=T0)
+    assert isinstance(held, Admitted) and isinstance(told, Queued) and isinstance(job, Queued)
+    await fleet.leave([held.place])
+    claimed = await fleet.claim(POOL, RULES, now=T0 + 2.6)  # the holder's turn came 1.6 s ago: the job goes
+    assert claimed is not None and claimed.job == job.ticket
+    late = await fleet.enter(POOL, RULES, "pro", "s", 1, queue="sync", account_places=1, now=T0 + 2.7)
+    assert isinstance(late, Queued) and late.ticket == told.ticket  # still in line, told when a place frees
