@@ -235,6 +235,55 @@ def test_paid_requests_go_first_and_the_free_line_then_goes_in_order(start_fleet
     assert line.stats()["arrivals"] == ["holder", "p", "a", "b"]
 
 
+def test_the_line_stays_first_come_first_served_when_the_drain_rate_rises(start_fleet: StartFleet) -> None:
+    """A later arrival is told no earlier turn than one before it: when the drain rate rises, it is told the same.
+    Told the same turn, it must still come after: the one before it keeps the place when it frees."""
+    line = start_fleet(quotas(), reading(), hold_limit=1, replicas=2)
+    one, two = line.gateways
+    line.hold(one, line.key("holder", "paid"))
+    first, later = line.key("first"), line.key("later")
+    assert line_of(line.post(one, first))[0] == 1
+    line.advertise(reading(images_per_s=100.0))
+    line.post(two, later)
+    line.control(gate="open")
+    until(lambda: line.stats()["held"] == 0, "the holder is answered")
+    assert line.post(two, later).status_code == 503  # the place is first's
+    assert line.post(one, first).status_code == 200
+    assert line.post(two, later).status_code == 200
+    assert line.stats()["arrivals"] == ["holder", "first", "later"]
+
+
+def test_the_line_stays_first_come_first_served_when_turns_come_before_places_free(start_fleet: StartFleet) -> None:
+    """The service drains slower than it says (1,000 images a second): both turns come at once, before the place
+    frees. The one who came first keeps the place; coming back first must not win it."""
+    line = start_fleet(quotas(), reading(images_per_s=1000.0), hold_limit=1, replicas=2)
+    one, two = line.gateways
+    line.hold(one, line.key("holder", "paid"))
+    first, later = line.key("first"), line.key("later")
+    assert line_of(line.post(one, first))[0] == 1
+    assert line_of(line.post(two, later))[0] == 2
+    line.control(gate="open")
+    until(lambda: line.stats()["held"] == 0, "the holder is answered")
+    assert line.post(two, later).status_code == 503  # the place is first's
+    assert line.post(one, first).status_code == 200
+    assert line.post(two, later).status_code == 200
+    assert line.stats()["arrivals"] == ["holder", "first", "later"]
+
+
+def test_jobs_start_in_the_order_they_were_accepted_when_the_drain_rate_rises(start_fleet: StartFleet) -> None:
+    line = start_fleet(quotas(), reading(), hold_limit=1, replicas=2)
+    line.hold(line.gateways[0], line.key("holder", "paid"))
+    order = [f"job-{i}" for i in range(6)]
+    keys = {who: line.key(who) for who in order}
+    line.job(line.gateways[0], keys[order[0]])
+    line.advertise(reading(images_per_s=100.0))
+    for i, who in enumerate(order[1:]):
+        line.job(line.gateways[i % 2], keys[who])
+    line.control(gate="open")
+    until(lambda: len(line.stats()["arrivals"]) == 1 + len(order), "every job ran")
+    assert line.stats()["arrivals"] == ["holder", *order]
+
+
 # --- jobs: their account's alone ----------------------------------------------------------------------------------
 
 METHODS = ("GET", "HEAD", "DELETE", "OPTIONS", "POST", "PUT", "PATCH")
