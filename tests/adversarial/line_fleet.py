@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import httpx
@@ -28,7 +29,7 @@ HANG = 30.0  # seconds: a bound on a hang, not a timing assertion
 SLOW = 0.01
 
 
-def reading(slots: int = 1, images_per_s: float = SLOW, **more: Any) -> str:
+def reading(slots: Any = 1, images_per_s: Any = SLOW, **more: Any) -> str:
     """A well-formed capacity reading, as the real backend writes it."""
     values = {"slots": slots, "queue_images": 0, "queued_images": 0, "running_images": 0}
     return json.dumps({**values, "images_per_s": images_per_s, "ready": True, **more})
@@ -82,14 +83,22 @@ class Fleet:
         values = json.loads(text)
         slots, rate = values["slots"] + values["queue_images"], values["images_per_s"]
         for gateway in self.gateways:
-            until(lambda g=gateway: _reads(g, slots, rate), f"{gateway.name} reads {text}")
+            until(partial(_reads, gateway, slots, rate), f"{gateway.name} reads {text}")
 
-    def post(self, gateway: Service, key: str, n: int = 1, **headers: str) -> httpx.Response:
-        return self.client.post(f"{gateway.url}{PATH}", json={"prompt": "x", "n": n}, headers=auth(key, **headers))
+    def post(
+        self, gateway: Service, key: str, *, n: int = 1, asynchronous: bool = False, idempotency_key: str = ""
+    ) -> httpx.Response:
+        """A request for `n` images; `asynchronous` asks for a job (`Prefer: respond-async`)."""
+        headers = auth(key)
+        if asynchronous:
+            headers["Prefer"] = "respond-async"
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        return self.client.post(f"{gateway.url}{PATH}", json={"prompt": "x", "n": n}, headers=headers)
 
     def job(self, gateway: Service, key: str, n: int = 1) -> httpx.Response:
         """An async job asked for; fails the test unless it was accepted."""
-        accepted = self.post(gateway, key, n, Prefer="respond-async")
+        accepted = self.post(gateway, key, n=n, asynchronous=True)
         assert accepted.status_code == 202, accepted.text
         return accepted
 
