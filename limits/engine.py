@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ FLEET_SCRIPTS = (
     "fleet_renew",
     "fleet_advertise",
     "fleet_state",
+    "fleet_orphans",
 )
 
 
@@ -148,18 +150,30 @@ class Engine:
         A decision that claimed a key is refunded only while it holds the claim: once, and never after
         `keep_answer`.
         """
+        refund = self.refund_of(account, decision)
+        if refund is not None:
+            await self.refund_later(refund, now=now)
+
+    def refund_of(self, account: str, decision: Decision) -> str | None:
+        """What refunding `decision` takes, as text another process can keep and act on (`refund_later`);
+        None if it took nothing."""
         if not decision.allowed or decision.cost == 0 or decision.replayed:
-            return
+            return None
         # Only what was charged: a shadow limit that would have refused took nothing.
         charged = [s for s in decision.states if s.retry_after == 0]
         buckets = [s.limit for s in charged if isinstance(s.limit, Bucket)]
         keys = [counter_key(account, s.limit.counter) for s in charged]
         if decision.idempotency_key is not None and decision.claim is not None:
             keys.append(idempotency_record(account, decision.idempotency_key))
-        args: list[Any] = [_now_arg(now), decision.cost, len(buckets), decision.claim or ""]
+        args: list[Any] = [decision.cost, len(buckets), decision.claim or ""]
         args.extend(b.interval_us for b in buckets)
         args.extend(s.day_start_us for s in charged if isinstance(s.limit, DailyQuota))
-        await self._call("refund", keys, args)
+        return json.dumps([keys, args])
+
+    async def refund_later(self, refund: str, *, now: float | None = None) -> None:
+        """Give back what `refund_of` described (once: a second call would give it back again)."""
+        keys, args = json.loads(refund)
+        await self._call("refund", keys, [_now_arg(now), *args])
 
     async def keep_answer(self, account: str, decision: Decision, answer: bytes | None) -> bool:
         """End the idempotency key `decision` claimed, its charge standing: keep `answer` for replays.

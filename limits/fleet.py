@@ -87,6 +87,7 @@ class Turned:
 
     reason: str
     capacity: int
+    wait: float = 0.0  # line_full: seconds until the line's last turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,16 +172,20 @@ class Fleet:
             return Admitted(Place(pool, _text(reply[1])), reply[2], _text(reply[3]))
         if reply[0] == 0:
             return Queued(_text(reply[1]), reply[2], reply[3] / 1_000_000, reply[4], reply[5] / 1000)
-        return Turned(_text(reply[1]), reply[2])
+        return Turned(_text(reply[1]), reply[2], reply[3] / 1_000_000 if len(reply) > 3 else 0.0)
 
     async def claim(self, pool: str, rules: PoolRules, *, now: float | None = None) -> Claimed | None:
         """The first async job whose place has come, now holding it; None if none can start now."""
-        args = [rules.reserved_for_paid, rules.ceiling or 0, _us(self.place_ttl), secrets.token_hex(6)]
+        args = [rules.reserved_for_paid, rules.ceiling or 0, _us(self.place_ttl)]
         reply = await self._call("fleet_claim", pool, rules, now, args)
         if not reply:
             return None
         late = (reply[3] - reply[2]) / 1_000_000
         return Claimed(_text(reply[0]), Place(pool, _text(reply[1])), late, _text(reply[4]))
+
+    async def orphans(self, pool: str, rules: PoolRules, *, most: int = 16, now: float | None = None) -> list[str]:
+        """Async jobs whose place lapsed while they ran (their replica died), each handed to one caller only."""
+        return [_text(job) for job in await self._call("fleet_orphans", pool, rules, now, [most]) or []]
 
     async def cancel(self, pool: str, rules: PoolRules, ticket: str, *, now: float | None = None) -> bool:
         """Take `ticket` out of the line; False if it had left it (its job started, or it lapsed)."""

@@ -30,7 +30,7 @@ def pool_keys(pool: str, plans: list[str]) -> list[str]:
     The pool sits in a hash tag, so one pool's keys land on one Redis Cluster slot.
     """
     prefix = f"qg:{{pool:{pool}}}:"
-    keys = [prefix + part for part in ("held", "backends", "tickets", "waiting", "lapse", "meta")]
+    keys = [prefix + part for part in ("held", "backends", "tickets", "waiting", "lapse", "meta", "orphans")]
     for plan in plans:
         keys += [f"{prefix}line:{plan}", f"{prefix}jobs:{plan}"]
     return keys

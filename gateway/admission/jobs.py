@@ -37,6 +37,7 @@ class Job:
     told_wait: float  # seconds until its turn, as first told
     answer_status: int = 0
     answer: bytes = b""  # the backend's answer when done, the error's body when failed
+    refund: str = ""  # while running: what refunding its charge takes, should its replica die (limits.Engine)
 
     def view(self) -> dict[str, Any]:
         """The job as its owner reads it (without position and ETA, which the line knows)."""
@@ -105,15 +106,17 @@ class JobStore:
             told_wait=float(text["told_wait"]),
             answer_status=int(text.get("answer_status", b"0")),
             answer=text.get("answer", b""),
+            refund=text.get("refund", b"").decode(),
         )
 
-    async def running(self, job_id: str) -> None:
-        await self._run(self._redis.hset(_key(job_id), "status", RUNNING))
+    async def running(self, job_id: str, refund: str | None) -> None:
+        """The job was charged and goes to the backend; `refund` is what refunding that charge takes."""
+        await self._run(self._redis.hset(_key(job_id), mapping={"status": RUNNING, "refund": refund or ""}))
 
     async def end(self, job_id: str, status: str, answer_status: int, answer: bytes) -> None:
         """The job ended (done, failed or cancelled): its answer is kept `result_ttl` seconds."""
         fields: dict[str, str | int | bytes] = {"status": status, "answer_status": answer_status, "answer": answer}
-        fields["body"] = b""
+        fields["body"] = fields["refund"] = b""
         await self._run(self._write(job_id, fields, self.result_ttl))
 
     async def delete(self, job_id: str) -> None:

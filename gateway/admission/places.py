@@ -112,9 +112,10 @@ class PoolPlaces:
                     headers={"Retry-After": str(turn), "Quotagate-Line": f"position={position}, wait={turn}"},
                 )
             case Turned(reason="account_places"):
+                places = plan.concurrency or 1
                 raise ConcurrencyLimited(
-                    f"This account already has {plan.concurrency or 1} jobs waiting, the most the {plan.name} plan "
-                    "allows; wait for one to finish.",
+                    f"This account already holds {places} places in the line, the most the {plan.name} plan allows "
+                    "(a turn to come back for, and async jobs); wait for one to start.",
                     headers={"Retry-After": "1"},
                 )
             case Turned(reason="too_large", capacity=capacity):
@@ -123,11 +124,12 @@ class PoolPlaces:
                     "now. Ask for fewer. You were not charged.",
                     headers={"Retry-After": str(NO_BACKEND_RETRY_S)},
                 )
-            case Turned(reason="line_full"):
+            case Turned(reason="line_full", wait=wait):
+                turn = max(1, math.ceil(wait))
                 raise Overloaded(
-                    f"The image service is at capacity and the {plan.name} line is full "
-                    f"({rules.line_cap} waiting). Retry in a minute. You were not charged.",
-                    headers={"Retry-After": "60"},
+                    f"The image service is at capacity and the {plan.name} line is full ({rules.line_cap} "
+                    f"waiting); its last turn comes in about {turn} s. Retry then. You were not charged.",
+                    headers={"Retry-After": str(turn)},
                 )
             case _:
                 raise Overloaded(

@@ -177,6 +177,25 @@ class StoreGuard:
         self.breaker.succeeded()
         return True
 
+    def refund_of(self, account: str, decision: Decision) -> str | None:
+        """What refunding `decision` takes, as text to keep (an async job's record), or None if it took nothing."""
+        return self._engine.refund_of(account, decision)
+
+    async def refund_later(self, refund: str) -> bool:
+        """Give back what `refund_of` described; False if Redis could not be reached (it stays charged)."""
+        if not self.breaker.allow():
+            self._metrics.redis_errors.labels("refund").inc()
+            return False
+        try:
+            await self._engine.refund_later(refund)
+        except LimitsError as exc:
+            if isinstance(exc, StoreUnavailable):
+                self.breaker.failed()
+            self._metrics.redis_errors.labels("refund").inc()
+            return False
+        self.breaker.succeeded()
+        return True
+
     async def keep_answer(self, account: str, decision: Decision, answer: bytes | None) -> bool:
         """End the idempotency key `decision` claimed, keeping `answer`; False if nothing was written.
 

@@ -25,6 +25,12 @@ log = logging.getLogger("quotagate.jobs")
 
 # Seconds between looks at the line when no job could start.
 CLAIM_EVERY_S = 0.1
+# Looks at the line between looks for jobs whose replica died while they ran.
+ORPHANS_EVERY = 10
+ORPHANED = (
+    b'{"error":{"message":"The gateway running this job stopped before it ended; it was not charged. Send it again.",'
+    b'"type":"server_error","param":null,"code":"upstream_error"}}'
+)
 
 
 class Dispatcher:
@@ -37,8 +43,12 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and start jobs until `stop` is set; then wait for those running."""
+        rounds = 0
         while not stop.is_set():
+            rounds += 1
             try:
+                if rounds % ORPHANS_EVERY == 0:
+                    await self.settle_orphans()
                 started = await self.claim_all()
             except Exception as exc:  # Redis is away: the jobs wait in Redis for the next look
                 log.warning("could not look for jobs to run: %s", exc)
@@ -63,6 +73,23 @@ class Dispatcher:
                 task.add_done_callback(self._running.discard)
                 started += 1
         return started
+
+    async def settle_orphans(self) -> int:
+        """Fail and refund the jobs whose replica died while they ran; how many there were."""
+        services = self._services
+        config = services.config
+        settled = 0
+        for pool in {route.upstream for route in config.routes.values()}:
+            for job_id in await services.places.fleet.orphans(pool, services.places.rules(config, pool)):
+                job = await services.jobs.get(job_id)
+                if job is None or job.status != jobs.RUNNING:
+                    continue
+                if job.refund and await services.store.refund_later(job.refund):
+                    services.metrics.images_refunded.labels(job.plan, "upstream_error").inc(job.images)
+                log.warning("job %s was left running by a gateway that stopped: failed, refunded", job.id)
+                await self._fail(job, 502, ORPHANED)
+                settled += 1
+        return settled
 
     async def _run(self, claimed: Claimed) -> None:
         services = self._services
@@ -90,7 +117,8 @@ class Dispatcher:
             return
         if decision is not None:
             services.metrics.images_charged.labels(plan.name).inc(job.images)
-        await services.jobs.running(job.id)
+        refund = None if decision is None else services.store.refund_of(job.account, decision)
+        await services.jobs.running(job.id, refund)
         status, answer = await self._forward(job, plan.priority, backend)
         if 200 <= status < 300 and len(answer) <= services.jobs.result_bytes:
             await services.jobs.end(job.id, jobs.DONE, status, answer)

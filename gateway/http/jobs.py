@@ -77,7 +77,8 @@ async def _delete(services: Services, job: jobs.Job) -> Response:
             await services.jobs.end(job.id, jobs.CANCELLED, 0, b"")
             services.metrics.jobs.labels(job.plan, jobs.CANCELLED).inc()
             return JSONResponse({**job.view(), "status": jobs.CANCELLED})
-        job = await services.jobs.get(job.id) or job  # it started meanwhile
+        # Its turn came meanwhile: it is starting (its record may not say so yet) or running.
+        raise JobStarted("The job has started; it can no longer be cancelled.")
     if job.status == jobs.RUNNING:
         raise JobStarted("The job has started; it can no longer be cancelled.")
     await services.jobs.delete(job.id)  # ended: its result is forgotten

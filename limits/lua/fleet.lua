@@ -11,18 +11,20 @@
 -- KEYS[6]  meta: a hash; held = images held in all, held:<plan> = images that plan holds,
 --          held_low = images the lowest-priority plans hold, at:<backend> = images placed on that backend,
 --          due:<plan> = the latest turn told in that line.
--- KEYS[6+2i-1], KEYS[6+2i]  plan i's line (ticket -> its turn, µs; FIFO, since turns never go back) and the
+-- KEYS[7]  orphans: a set of async jobs whose place lapsed while they ran (their replica died).
+-- KEYS[7+2i-1], KEYS[7+2i]  plan i's line (ticket -> its turn, µs; FIFO, since turns never go back) and the
 --          async jobs among it (job -> its turn).
 -- ARGV[1]  now, µs since the epoch; '' to read the Redis server's clock (TIME).
 -- ARGV[2]  the number of plans; then per plan, highest priority first: name, priority, 1 if lowest priority.
 -- Every key carries the pool's hash tag, so a fleet script runs unchanged on a Redis Cluster.
 local HELD, BACKENDS, TICKETS, WAITING, LAPSE, META = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local ORPHANS = KEYS[7]
 local now = clock(ARGV[1])
 local plans, by_name = {}, {}
 for i = 1, tonumber(ARGV[2]) do
   local a = 3 + (i - 1) * 3
   local plan = {name = ARGV[a], priority = tonumber(ARGV[a + 1]), low = ARGV[a + 2] == '1',
-                line = KEYS[5 + 2 * i], jobs = KEYS[6 + 2 * i]}
+                line = KEYS[6 + 2 * i], jobs = KEYS[7 + 2 * i]}
   plans[i] = plan
   by_name[plan.name] = plan
 end
@@ -80,10 +82,13 @@ local function drop_ticket(ticket)
   return info
 end
 
--- Places whose replica stopped renewing them come back; tickets whose holders never came back leave the line.
+-- Places whose replica stopped renewing them come back (an async job's, named by the job, is an orphan now:
+-- its replica died while it ran); tickets whose holders never came back leave the line.
 local function tidy()
   for _, member in ipairs(redis.call('ZRANGEBYSCORE', HELD, '-inf', now, 'LIMIT', 0, 64)) do
     release_place(member)
+    local job = string.match(member, '^%d+:%d:(job_[^:]+):')
+    if job then redis.call('SADD', ORPHANS, job) end
   end
   for _, ticket in ipairs(redis.call('ZRANGEBYSCORE', LAPSE, '-inf', now, 'LIMIT', 0, 64)) do
     drop_ticket(ticket)

@@ -3,15 +3,15 @@
 -- ARGV[A..]  account, images, the place's id, the ticket's id, the line it may join ('sync': its holder
 --            comes back at its turn; 'job': the fleet runs it then; '': none), reserved_for_paid (the share
 --            the lowest priority may not take), ceiling (images; 0: none), place ttl (µs), grace (µs a sync
---            ticket is kept past its turn), the places one account may hold in the line (jobs), the line's
---            length cap, and the request's plan.
+--            ticket is kept past its turn), the places one account may hold in the line (its ticket and its
+--            jobs), the line's length cap, and the request's plan.
 --
 -- A request is let in when the places its plan may take cover it and everyone ahead of it: every ticket of
 -- a higher plan, and every ticket of its own line, unless it is a ticket holder whose turn has come.
 -- Returns {1, place, capacity, backend}   admitted: the place, on that backend, is held until released or lapsed
 --         {0, ticket, position, wait µs, capacity, rate in thousandths of an image per second}   in the line
---         {-1, reason, capacity}   refused: no_capacity, too_large (over the whole capacity), line_full or
---                                  account_places
+--         {-1, reason, capacity[, wait µs]}   refused: no_capacity, too_large (over the whole capacity),
+--                                  line_full (with the wait of the line's last turn) or account_places
 tidy()
 local account, images = ARGV[A], tonumber(ARGV[A + 1])
 local place_id, ticket, queue = ARGV[A + 2], ARGV[A + 3], ARGV[A + 4]
@@ -52,16 +52,16 @@ if backend then
   return {1, take_place(plan, images, place_id, ttl, backend), cap, backend}
 end
 if queue == '' then return {-1, 'no_place', cap} end
-if redis.call('ZCARD', plan.line) >= line_cap then return {-1, 'line_full', cap} end
-if queue == 'job' and tonumber(redis.call('HGET', WAITING, who .. '\njobs') or '0') >= account_places then
-  return {-1, 'account_places', cap}
-end
+local last = tonumber(redis.call('HGET', META, 'due:' .. plan.name) or '0')
+if redis.call('ZCARD', plan.line) >= line_cap then return {-1, 'line_full', cap, math.max(last - now, 0)} end
+-- Its places in the line: its async jobs and its ticket, together at most its plan's number.
+local mine = tonumber(redis.call('HGET', WAITING, who .. '\njobs') or '0') + redis.call('HEXISTS', WAITING, who)
+if mine >= account_places then return {-1, 'account_places', cap} end
 
 -- Its turn: when the places of everyone ahead and its own will have drained, and never before the turn
 -- told to anyone ahead of it in this line.
 local due = now + wait_for(ahead + images - (cap - held_images('held')), rate)
-local last = tonumber(redis.call('HGET', META, 'due:' .. plan.name) or '0')
-if due < last then due = last end
+if due <= last then due = last + 1 end  -- strictly later: equal turns would be ordered by their random ids
 redis.call('HSET', META, 'due:' .. plan.name, us(due))
 redis.call('ZADD', plan.line, us(due), ticket)
 redis.call('HSET', TICKETS, ticket, cjson.encode({k = queue, n = images, p = plan.name, a = account}))
