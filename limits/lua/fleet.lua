@@ -10,7 +10,8 @@
 -- KEYS[5]  lapse: a sorted set, sync ticket -> the instant it lapses if its holder has not come back (µs).
 -- KEYS[6]  meta: a hash; held = images held in all, held:<plan> = images that plan holds,
 --          held_low = images the lowest-priority plans hold, at:<backend> = images placed on that backend,
---          due:<plan> = the latest turn told in that line.
+--          due:<plan> = the latest turn told in that line, in:<plan> and in_at:<plan> = the images that plan
+--          was let in with, decayed over TAKEN_US (a moving rate), and when that was last updated.
 -- KEYS[7]  orphans: a set of async jobs whose place lapsed while they ran (their replica died).
 -- KEYS[7+2i-1], KEYS[7+2i]  plan i's line (ticket -> its turn, µs; FIFO, since turns never go back) and the
 --          async jobs among it (job -> its turn).
@@ -54,7 +55,18 @@ local function release_place(member)
   return 1
 end
 
+-- µs over which the images each plan is let in with are averaged into a rate.
+local TAKEN_US = 10000000
+
+-- The images `plan` was let in with recently, decayed to now (about its rate × TAKEN_US).
+local function taken(plan)
+  local count = tonumber(redis.call('HGET', META, 'in:' .. plan.name) or '0')
+  local at = tonumber(redis.call('HGET', META, 'in_at:' .. plan.name) or '0')
+  return count * math.exp(-(now - at) / TAKEN_US)
+end
+
 local function take_place(plan, images, id, ttl, backend)
+  redis.call('HSET', META, 'in:' .. plan.name, tostring(taken(plan) + images), 'in_at:' .. plan.name, us(now))
   local member = images .. ':' .. (plan.low and '1' or '0') .. ':' .. id .. ':' .. plan.name .. '\n' .. backend
   redis.call('ZADD', HELD, us(now + ttl), member)
   count_place(member, 1)
@@ -148,11 +160,17 @@ local function ahead_of_plan(plan)
   return ahead
 end
 
--- µs until `images` more places come free at `rate` images per second (a second an image if unmeasured).
-local function wait_for(images, rate)
+-- µs until `images` more places come free for `plan`, when the pool drains `rate` images per second and the
+-- plans of higher priority keep taking what they took of late (a second an image if nothing is measured).
+local function wait_for(plan, images, rate)
   if images <= 0 then return 0 end
   if rate <= 0 then return images * 1000000 end
-  return math.ceil(images / rate * 1000000)
+  local left = rate
+  for _, other in ipairs(plans) do
+    if other.priority > plan.priority then left = left - taken(other) * 1000000 / TAKEN_US end
+  end
+  -- However busy the higher plans, some places still come to this line (the backends age waiting work).
+  return math.ceil(images / math.max(left, rate / 10) * 1000000)
 end
 
 -- µs a client told to come back may take past its turn and still go before the later turns: Retry-After is

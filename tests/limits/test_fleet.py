@@ -209,3 +209,14 @@ async def test_a_holder_that_does_not_come_back_in_time_loses_its_precedence_not
     assert claimed is not None and claimed.job == job.ticket
     late = await fleet.enter(POOL, RULES, "pro", "s", 1, queue="sync", account_places=1, now=T0 + 2.7)
     assert isinstance(late, Queued) and late.ticket == told.ticket  # still in line, told when a place frees
+
+
+async def test_a_turn_counts_on_the_drain_left_after_what_higher_plans_take(fleet: Fleet) -> None:
+    await fleet.advertise(POOL, "http://a", 4, 4.0, 100, now=T0)
+    for i in range(4):  # pro takes 4 images: about 0.4 a second over the last ten seconds
+        assert isinstance(
+            await fleet.enter(POOL, RULES, "pro", f"p{i}", 1, queue="", account_places=1, now=T0), Admitted
+        )
+    told = await fleet.enter(POOL, RULES, "free", "f", 1, queue="sync", account_places=1, now=T0)
+    assert isinstance(told, Queued)
+    assert told.wait == pytest.approx(1 / (4.0 - 0.4), abs=1e-6)  # not 1 / 4.0: pro keeps taking its share
