@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
         "commit": commit,
-        "command": "bench/surge.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["bench/surge.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": vars(args),
         "pinning": f"gateway replicas on core {server_core}; load generator, image services and redis-server on "
         f"core {load_core}",
