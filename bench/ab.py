@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             gateway = spawn(
                 server_core, sys.executable, "-m", "gateway.ops.cli", "serve", "--config", str(quotas),
                 "--redis-url", redis.url, "--upstream", f"diffusion={stub_url}", "--port", str(port),
-                env={"QUOTAGATE_KEY_SECRET": SECRET, "PYTHONPATH": str(tree)}, log=tmp / f"{name}.log",
+                env={"QUOTAGATE_KEY_SECRET": SECRET, "PYTHONPATH": str(tree)}, log=tmp / f"{name}.log", cwd=tree,
             )  # fmt: skip
             stack.callback(stop, gateway)
             wait_answering(f"http://127.0.0.1:{port}/healthz", gateway)

@@ -153,11 +153,17 @@ def stub_command(tmp: Path, nginx: str, port: int) -> list[str]:
 
 
 def spawn(
-    core: str, *command: str, env: dict[str, str] | None = None, log: Path | None = None
+    core: str, *command: str, env: dict[str, str] | None = None, log: Path | None = None, cwd: Path | None = None
 ) -> subprocess.Popen[bytes]:
+    """`command` on `core`. `python -m` puts its working directory first on sys.path, ahead of PYTHONPATH: a
+    command that runs another tree's packages needs that tree as `cwd`."""
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it open
     return subprocess.Popen(
-        ["taskset", "-c", core, *command], env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT
+        ["taskset", "-c", core, *command],
+        env={**os.environ, **(env or {})},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
     )
 
 

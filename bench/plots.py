@@ -28,29 +28,3 @@ def plot_overhead(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def plot_surge(results: dict[str, Any], path: Path) -> None:
-    """Per plan, admitted/shed/rejected per second over the surge, and the paid p99 latency."""
-    series = results["timeline"]
-    seconds = [row["t"] for row in series]
-    plans = results["plans"]
-    fig, axes = plt.subplots(1, len(plans) + 1, figsize=(5 * (len(plans) + 1), 4.2))
-    for ax, plan in zip(axes, plans, strict=False):
-        for outcome in ("admitted", "shed", "rejected", "failed"):
-            ax.plot(seconds, [row[plan].get(outcome, 0) for row in series], label=outcome)
-        ax.set(title=f"{plan}: answers per second", xlabel="seconds", ylabel="requests/s")
-        ax.legend(fontsize=8)
-    latency = axes[-1]
-    latency.plot(seconds, [row["paid_p99_ms"] for row in series], label="paid p99 under the surge")
-    latency.axhline(results["paid_p99_unloaded_ms"], color="grey", linestyle="--", label="paid p99 unloaded")
-    latency.axhline(2 * results["paid_p99_unloaded_ms"], color="red", linestyle=":", label="2× unloaded")
-    for edge in (results["baseline_s"], results["baseline_s"] + results["surge_s"]):
-        for ax in axes:
-            ax.axvline(edge, color="black", linewidth=0.6, alpha=0.5)
-    latency.set(title="paid p99 latency (surge between the black lines)", xlabel="seconds", ylabel="ms")
-    latency.set_yscale("log")
-    latency.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

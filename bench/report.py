@@ -25,7 +25,11 @@ BENCHMARKS: dict[str, tuple[str, list[str], str]] = {
     "engine": ("engine.py", [], "quota engine: decisions/s, CPU per decision, memory per account"),
     "backend": ("backend.py", ["--rounds", "3"], "diffusion backend: images/s with batching on vs off"),
     "overhead": ("overhead.py", ["--rounds", "1", "--concurrency", "1,64"], "gateway overhead vs reference servers"),
-    "surge": ("surge.py", ["--quick"], "launch-day surge: free traffic shed, paid latency kept"),
+    "surge": (
+        "surge.py",
+        ["--quick"],
+        "launch-day surge: the fleet's shared capacity and line against per-process shedding",
+    ),
 }
 
 

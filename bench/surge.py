@@ -1,46 +1,47 @@
-"""Launch day, compressed: a flood of new free accounts while paid customers keep working.
+"""Launch day, compressed, against two revisions of the gateway on the same load: a flood of new free accounts
+while paid customers keep working, and a gateway replica added and one killed halfway.
 
-Run with `make bench` or `.venv/bin/python bench/surge.py [--accounts 100000 --window 180] [--quick]`.
-Writes bench/results/surge.json, surge.md and, where matplotlib is installed, surge.png.
+Run with `make bench` or `.venv/bin/python bench/surge.py [--accounts 6000 --window 120] [--quick]`.
+Writes bench/results/surge.json and surge.md.
 
-The whole stack runs for real: redis-server, `quotagate serve` (alone on the first core), and an image
-service of fixed capacity (bench/servers.py:capacity_app: SLOTS images at a time, SERVICE_MS each, a
-bounded queue, 503 past it). The load generator, on the second core:
+Each revision runs in turn on a stack of its own, started fresh: redis-server, SERVICES image services of
+fixed capacity (bench/servers.py:capacity_app: SLOTS images at a time, SERVICE_MS each ± JITTER, QUEUE more
+waiting, advertised at GET /v1/capacity with the drain rate it measures; it holds whatever it is sent, so
+that what a gateway sends past its capacity shows), and REPLICAS gateway replicas (`quotagate serve`, one
+worker each) of the revision, all on the first core. The load generator, the services and redis-server
+share the second. At a third of the window one more replica starts; at two thirds one of the first is
+SIGKILLed and its clients move to the others.
 
-  paid   PAID_ACCOUNTS accounts sending PAID_RPS requests a second in all, open loop (on a schedule,
-         whatever the answers), first alone for BASELINE seconds (the unloaded p99), then throughout;
-  free   ACCOUNTS new accounts arriving evenly over WINDOW seconds, each trying 5 images one after
-         the other (the plan allows 3 a day), waiting out the Retry-After of a 503 before the next.
+  today     the working tree (`--today`): the fleet's capacity in Redis, learned from the services, a line
+            per plan whose 503s tell each request its turn, async jobs (`Prefer: respond-async`);
+  previous  `--previous` (8331eaa): each process sheds on its own `max_in_flight` (by default the fleet's
+            capacity ÷ REPLICAS, as an operator would have split it) with a random Retry-After of 1-5 s.
 
-Every answer is counted per second and plan as admitted (200), shed (503: the gateway or the service
-turned it away for lack of capacity), rejected (429: a quota or rate limit) or failed (anything else).
-The gateway bounds what it forwards to the service (`pools: diffusion: max_in_flight`, default 8 here:
-twice the service's slots) and keeps `reserved_for_paid` of it (0.5) for paid plans, so free requests
-are shed at the gateway with a jittered Retry-After before they cost a Redis decision.
-The goal: the paid p99 stays within 2x its unloaded value while free traffic is shed.
+The load (bench/surge_load.py): PAID_RPS paid requests a second, open loop, BASELINE seconds alone (the
+unloaded p99), then throughout; ACCOUNTS free accounts arriving evenly over WINDOW seconds, each after
+IMAGES images one after the other, half of them honouring Retry-After, half using async jobs (which, on a
+revision without jobs, are Retry-After clients too). The figures and their definitions: bench/surge_figures.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
+import contextlib
 import gc
 import json
+import math
 import os
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from array import array
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import redis as redis_py
 import uvloop
-from prometheus_client.parser import text_string_to_metric_families
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -48,131 +49,17 @@ ROOT = BENCH.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from overhead import RESULTS, SECRET, cores, cpu_seconds, process_tree, spawn, wait_answering  # noqa: E402
+from ab import checked_out  # noqa: E402
+from overhead import RESULTS, SECRET, cores  # noqa: E402
+from surge_figures import SAMPLE_EVERY_S, Sample, Span, figures, table  # noqa: E402
+from surge_load import Gateways, Tally, free_surge, paid_load  # noqa: E402
+from surge_stack import ServiceSettings, Stack  # noqa: E402
 
 from gateway.admission.identity import KeyStore  # noqa: E402
-from gateway.ops.embedded_redis import RedisServer  # noqa: E402
-from gateway.upstream.client import Origin, UpstreamClient, UpstreamError  # noqa: E402
-from limits import connect  # noqa: E402
-from tests.ports import free_port  # noqa: E402
+from gateway.upstream.client import Origin, UpstreamClient  # noqa: E402
+from limits import Engine, Fleet, LinePlan, PoolRules, connect  # noqa: E402
 
-PATH = "/v1/images/generations"
-REQUEST_BODY = b'{"prompt": "launch day"}'
-TRIES = 5
-MAX_RETRY_AFTER = 10.0  # seconds a free client waits at most when told to come back later
-QUOTAS = """\
-timezone: UTC
-plans:
-  free:
-    priority: 0
-    daily_images: 3
-    rate: {images: 60, per: minute, burst: 5}
-  paid:
-    priority: 10
-    daily_images: unlimited
-    rate: {images: 100000, per: minute, burst: 1000}
-routes:
-  - path: /v1/images/generations
-    upstream: diffusion
-    cost: images
-pools:
-  diffusion:
-    max_in_flight: MAX_IN_FLIGHT
-    reserved_for_paid: RESERVED_FOR_PAID
-"""
-
-
-PLANS = ("free", "paid")
-OUTCOMES = ("admitted", "rejected", "shed", "failed")
-
-
-@dataclass
-class Recorder:
-    """Every answer: when (seconds from the start), which plan, what outcome, how long it took.
-
-    Kept in arrays of numbers, which Python's collector never scans: as a list of 500,000 tuples it
-    lengthened this process's full collections to ~60 ms, and every request in flight meanwhile
-    looked that much slower.
-    """
-
-    started: float = field(default_factory=time.monotonic)
-    at: array[float] = field(default_factory=lambda: array("d"))
-    plan: array[int] = field(default_factory=lambda: array("b"))
-    outcome: array[int] = field(default_factory=lambda: array("b"))
-    ms: array[float] = field(default_factory=lambda: array("d"))
-    codes: Counter[str] = field(default_factory=Counter)
-
-    def add(self, plan: str, status: int, code: str | None, sent: float) -> None:
-        now = time.monotonic()
-        outcome = {200: "admitted", 429: "rejected", 503: "shed"}.get(status, "failed")
-        self.at.append(now - self.started)
-        self.plan.append(PLANS.index(plan))
-        self.outcome.append(OUTCOMES.index(outcome))
-        self.ms.append((now - sent) * 1000)
-        self.codes[f"{plan} {status} {code}"] += 1
-
-    @property
-    def answers(self) -> list[tuple[float, str, str, float]]:
-        """(at, plan, outcome, ms) of every answer, in the order they came."""
-        return [
-            (at, PLANS[plan], OUTCOMES[outcome], ms)
-            for at, plan, outcome, ms in zip(self.at, self.plan, self.outcome, self.ms, strict=True)
-        ]
-
-
-async def request(client: UpstreamClient, gateway: Origin, key: str, plan: str, record: Recorder) -> float:
-    """Send one request and record its answer; the Retry-After of a 503, in seconds (0 otherwise)."""
-    sent = time.monotonic()
-    headers = (("Authorization", f"Bearer {key}"), ("Content-Type", "application/json"))
-    try:
-        answer = await client.send(gateway, "POST", PATH, headers, REQUEST_BODY)
-        try:
-            body = await answer.read()
-        finally:
-            answer.release()
-    except UpstreamError as exc:
-        record.add(plan, 0, str(exc), sent)
-        return 0.0
-    payload = json.loads(body) if body.startswith(b"{") else None
-    code = (payload.get("error") or {}).get("code") if isinstance(payload, dict) else None
-    record.add(plan, answer.status, code, sent)
-    retry_after = next((value for name, value in answer.headers if name.lower() == b"retry-after"), b"")
-    return float(retry_after) if answer.status == 503 and retry_after.isdigit() else 0.0
-
-
-async def paid_load(client: UpstreamClient, gateway: Origin, keys: list[str], rps: float, until: asyncio.Event,
-                    record: Recorder) -> None:  # fmt: skip
-    """Open loop: one request every 1/rps seconds, round-robin over the paid keys, until `until` is set."""
-    tasks: set[asyncio.Task[None]] = set()
-    start, i = time.monotonic(), 0
-    while not until.is_set():
-        task = asyncio.create_task(request(client, gateway, keys[i % len(keys)], "paid", record))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        i += 1
-        await asyncio.sleep(max(0.0, start + i / rps - time.monotonic()))
-    await asyncio.gather(*tasks)
-
-
-async def free_account(client: UpstreamClient, gateway: Origin, key: str, record: Recorder) -> None:
-    """Five tries, one after the other; after a 503 the client waits its Retry-After, as OpenAI's client does."""
-    for _ in range(TRIES):
-        await asyncio.sleep(min(await request(client, gateway, key, "free", record), MAX_RETRY_AFTER))
-
-
-async def free_surge(client: UpstreamClient, gateway: Origin, keys: list[str], window: float, record: Recorder) -> None:
-    """Account i arrives at i/len(keys) of the window and tries its images one after the other."""
-    # Only the accounts still trying are kept: 100,000 finished tasks would slow this process's
-    # garbage collector, and its pauses would count as the gateway's latency.
-    tasks: set[asyncio.Task[None]] = set()
-    start = time.monotonic()
-    for i, key in enumerate(keys):
-        await asyncio.sleep(max(0.0, start + window * i / len(keys) - time.monotonic()))
-        task = asyncio.create_task(free_account(client, gateway, key, record))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    while tasks:
-        await asyncio.gather(*tasks)
+PREVIOUS = "8331eaa"  # the last revision that shed per process, before the fleet's shared capacity
 
 
 async def make_keys(redis_url: str, plan: str, count: int) -> list[str]:
@@ -188,206 +75,298 @@ async def make_keys(redis_url: str, plan: str, count: int) -> list[str]:
     return keys
 
 
-def p99(latencies: list[float]) -> float:
-    return statistics.quantiles(latencies, n=100)[98] if len(latencies) >= 2 else (latencies or [0.0])[0]
+async def service_stats(client: UpstreamClient, url: str, *, jobs: bool = False) -> dict[str, Any]:
+    answer = await client.send(Origin.parse(url), "GET", "/bench/stats" + ("?jobs=1" if jobs else ""), (), b"")
+    try:
+        return json.loads(await answer.read())  # type: ignore[no-any-return]
+    finally:
+        answer.release()
 
 
-def summarize(record: Recorder, baseline_end: float, surge_end: float, args: argparse.Namespace) -> dict[str, Any]:
-    timeline: dict[int, dict[str, Any]] = defaultdict(lambda: {"free": Counter(), "paid": Counter(), "paid_ms": []})
-    answers = record.answers
-    for at, plan, outcome, ms in answers:
-        row = timeline[int(at)]
-        row[plan][outcome] += 1
-        if plan == "paid":
-            row["paid_ms"].append(ms)
-    unloaded = [ms for at, plan, outcome, ms in answers if plan == "paid" and at < baseline_end]
-    loaded = [ms for at, plan, _, ms in answers if plan == "paid" and baseline_end <= at < surge_end]
-    totals = {plan: Counter(o for _, p, o, _ in answers if p == plan) for plan in PLANS}
-    unloaded_p99, loaded_p99 = p99(unloaded), p99(loaded)
-    return {
-        "plans": ["free", "paid"],
-        "settings": vars(args),
-        "paid_p99_unloaded_ms": unloaded_p99,
-        "paid_p50_unloaded_ms": statistics.median(unloaded) if unloaded else 0.0,
-        "paid_p99_surge_ms": loaded_p99,
-        "paid_p50_surge_ms": statistics.median(loaded) if loaded else 0.0,
-        "paid_p99_ratio": loaded_p99 / unloaded_p99 if unloaded_p99 else float("inf"),
-        "totals": {plan: dict(counts) for plan, counts in totals.items()},
-        "codes": dict(record.codes),
-        "timeline": [
-            {
-                "t": second,
-                "free": dict(row["free"]),
-                "paid": dict(row["paid"]),
-                "paid_p99_ms": p99(row["paid_ms"]) if row["paid_ms"] else 0.0,
-            }
-            for second, row in sorted(timeline.items())
-        ],
-    }
+async def sample(client: UpstreamClient, stack: Stack, tally: Tally, samples: list[Sample], stop: asyncio.Event,
+                 fleet: Callable[[], Awaitable[tuple[float, ...]]] | None) -> None:  # fmt: skip
+    """Every SAMPLE_EVERY_S: what each service holds and its busy seconds, the images waiting at the clients, and
+    (where the gateway keeps one) the fleet's shared view."""
+    while not stop.is_set():
+        waiting, at = tally.waiting, tally.now()
+        stats = await asyncio.gather(*(service_stats(client, s.url) for s in stack.services))
+        view = await fleet() if fleet is not None else ()
+        held, busy = tuple(s["held"] for s in stats), tuple(s["busy_s"] for s in stats)
+        samples.append(Sample(at, waiting, held, busy, sum(s["made"] for s in stats), view))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), SAMPLE_EVERY_S)
 
 
-def table(results: dict[str, Any]) -> str:
-    s = results["settings"]
-    ratio = results["paid_p99_ratio"]
-    lines = [
-        f"{s['accounts']:,} free accounts over {s['window']:.0f} s, {TRIES} tries each; {s['paid_rps']:.0f} paid "
-        f"requests/s; image service: {s['slots']} at a time, {s['service_ms']:.0f} ms each "
-        f"({s['slots'] * 1000 / s['service_ms']:.0f} images/s), queue {s['queue']}; gateway pool bound "
-        f"{s['max_in_flight']}, {s['reserved']:.0%} kept for paid. {results['pinning']}.",
-        "",
-        "| plan | admitted | shed (503) | rejected (429) | failed |",
-        "|---|---:|---:|---:|---:|",
-        *(
-            f"| {plan} | {t.get('admitted', 0):,} | {t.get('shed', 0):,} | {t.get('rejected', 0):,} | "
-            f"{t.get('failed', 0):,} |"
-            for plan, t in results["totals"].items()
-        ),
-        "",
-        "| paid latency | unloaded | during the surge | ratio (target ≤ 2) |",
-        "|---|---:|---:|---:|",
-        f"| p50 ms | {results['paid_p50_unloaded_ms']:.1f} | {results['paid_p50_surge_ms']:.1f} | |",
-        f"| p99 ms | {results['paid_p99_unloaded_ms']:.1f} | {results['paid_p99_surge_ms']:.1f} | "
-        f"{ratio:.2f} {'(met)' if ratio <= 2 else '(**not met**)'} |",
-        "",
-        "CPU used over the run, as a share of one core: "
-        + ", ".join(f"{name} {share:.2f}" for name, share in results["cpu_share"].items())
-        + ".",
-    ]
-    return "\n".join(lines)
+@contextlib.asynccontextmanager
+async def fleet_view(redis_url: str, reserved: float) -> AsyncIterator[Callable[[], Awaitable[tuple[float, ...]]]]:
+    """Reads the fleet's shared view of the pool as the gateway keeps it in Redis: (capacity, drain rate, images
+    held, paid line, free line, seconds a newcomer to the free line would wait)."""
+    redis = connect(redis_url, timeout=5.0)
+    fleet = Fleet(Engine(redis))
+    plans = (LinePlan("paid", 10, False), LinePlan("free", 0, True))
+    rules = PoolRules(plans=plans, reserved_for_paid=reserved, ceiling=None, line_cap=0, grace=0.0)
+
+    async def read() -> tuple[float, ...]:
+        state = await fleet.state("diffusion", rules)
+        free, paid = state.plans["free"], state.plans["paid"]
+        return (state.capacity, state.images_per_s, state.held, paid.line, free.line, round(free.wait, 2))
+
+    try:
+        yield read
+    finally:
+        await redis.aclose()
 
 
-def _samples(exposition: str, name: str) -> list[tuple[dict[str, str], float]]:
-    """The samples of `name` in a Prometheus text exposition, with their labels."""
-    return [
-        (sample.labels, sample.value)
-        for family in text_string_to_metric_families(exposition)
-        for sample in family.samples
-        if sample.name == name
-    ]
+async def replicas_come_and_go(stack: Stack, gateways: Gateways, tally: Tally, surge_start: float, window: float,
+                               events: list[dict[str, Any]]) -> None:  # fmt: skip
+    """At a third of the window one replica more; at two thirds the second replica is SIGKILLed."""
+    await asyncio.sleep(max(0.0, surge_start + window / 3 - tally.now()))
+    asked = tally.now()
+    added = await stack.add_replica_async()
+    gateways.add(added.url)
+    events.append({"event": f"{added.name} added", "asked_at_s": asked, "at_s": tally.now()})
+    await asyncio.sleep(max(0.0, surge_start + 2 * window / 3 - tally.now()))
+    victim = stack.replicas[1]
+    stack.kill(victim)
+    gateways.remove(victim.url)
+    events.append({"event": f"{victim.name} SIGKILLed", "at_s": tally.now()})
 
 
-def cpu_by_process(pids: dict[str, list[int]]) -> dict[str, float]:
-    """CPU seconds so far of each named group of processes (this one is `load generator`)."""
-    used = {name: cpu_seconds(group) for name, group in pids.items()}
-    times = os.times()
-    return {**used, "load generator": times.user + times.system}
-
-
-async def simulate(
-    args: argparse.Namespace, gateway_url: str, redis_url: str, pinning: str, pids: dict[str, list[int]]
-) -> dict[str, Any]:
-    paid_keys = await make_keys(redis_url, "paid", args.paid_accounts)
-    free_keys = await make_keys(redis_url, "free", args.accounts)
+async def simulate(args: argparse.Namespace, stack: Stack, shared_view: bool) -> dict[str, Any]:
+    paid_keys = await make_keys(stack.redis.url, "paid", args.paid_accounts)
+    free_keys = await make_keys(stack.redis.url, "free", args.accounts)
     # What set-up made lives to the end: out of the collector's scans, whose pauses would count as latency.
     gc.collect()
     gc.freeze()
-    cpu_before, wall_before = cpu_by_process(pids), time.monotonic()
-    # The gateway's own upstream client, on uvloop: at ~300 µs of CPU a request, aiohttp's client on
-    # asyncio's loop saturated the core this process shares with the image service and redis-server,
-    # and their delays (and this process's own) counted as the gateway's latency. Idle connections are
-    # dropped after 4 s, before the gateway's uvicorn drops them after 5.
-    client = UpstreamClient(connect_timeout=10.0, read_timeout=60.0)
-    gateway = Origin.parse(gateway_url)
-    try:
-        record = Recorder()
-        stop_paid = asyncio.Event()
-        paid = asyncio.create_task(paid_load(client, gateway, paid_keys, args.paid_rps, stop_paid, record))
+    client = UpstreamClient(connect_timeout=10.0, read_timeout=120.0)
+    gateways = Gateways([replica.url for replica in stack.replicas])
+    samples: list[Sample] = []
+    events: list[dict[str, Any]] = []
+    cpu_before, load_before, machine_before, wall_before = stack.cpu(), _own_cpu(), _machine_cpu(), time.monotonic()
+    async with contextlib.AsyncExitStack() as closing:
+        view = await closing.enter_async_context(fleet_view(stack.redis.url, args.reserved)) if shared_view else None
+        closing.push_async_callback(client.close)
+        tally = Tally()
+        started_wall = time.time()
+        stop_sampling, stop_paid = asyncio.Event(), asyncio.Event()
+        sampler = asyncio.create_task(sample(client, stack, tally, samples, stop_sampling, view))
+        paid = asyncio.create_task(paid_load(client, gateways, paid_keys, args.paid_rps, stop_paid, tally))
         await asyncio.sleep(args.baseline)
-        baseline_end = time.monotonic() - record.started
-        await free_surge(client, gateway, free_keys, args.window, record)
-        surge_end = time.monotonic() - record.started
+        surge_start = tally.now()
+        changes = asyncio.create_task(replicas_come_and_go(stack, gateways, tally, surge_start, args.window, events))
+        surge = asyncio.create_task(free_surge(client, gateways, free_keys, args.window, args.images, tally))
+        done, _ = await asyncio.wait([surge], timeout=args.deadline)
+        if not done:
+            surge.cancel()
+            events.append({"event": f"deadline: the free accounts still trying after {args.deadline:.0f} s stopped",
+                           "at_s": tally.now()})  # fmt: skip
+        with contextlib.suppress(asyncio.CancelledError):
+            await surge
+        surge_end = tally.now()
+        await changes
         await asyncio.sleep(args.tail)
         stop_paid.set()
         await paid
-        wall, cpu_after = time.monotonic() - wall_before, cpu_by_process(pids)
-        scraped = await client.send(gateway, "GET", "/metrics", (), b"")
-        try:
-            exposition = (await scraped.read()).decode()
-        finally:
-            scraped.release()
-    finally:
-        await client.close()
-    results = summarize(record, baseline_end, surge_end, args)
-    # What the gateway itself counted, by plan and outcome: who shed a request, the gateway or the service.
-    results["gateway_outcomes"] = {
-        f"{labels['plan']} {labels['outcome']}": value
-        for labels, value in _samples(exposition, "quotagate_requests_total")
-        if value
+        stop_sampling.set()
+        await sampler
+        wall = time.monotonic() - wall_before
+        cpu_after, load_after, machine_after = stack.cpu(), _own_cpu(), _machine_cpu()
+        services = [await service_stats(client, s.url, jobs=True) for s in stack.services]
+    span = Span(surge_start, surge_end)
+    cpu = {name: (cpu_after[name] - cpu_before[name]) / wall for name in cpu_after}
+    cpu["load generator"] = (load_after - load_before) / wall
+    # What the machine's other tenants took meanwhile: a bench on a shared machine reads this before its figures.
+    cpu["everything else on the machine"] = (machine_after - machine_before) / wall - sum(cpu.values())
+    results = {
+        "figures": figures(tally, samples, services, span, surge_start),
+        "events": events,
+        "baseline_s": args.baseline,
+        "surge_start_s": surge_start,
+        "surge_end_s": surge_end,
+        "started_wall": started_wall,
+        "cpu_share": cpu,
+        "timeline": [
+            {"t": round(s.t, 2), "waiting": s.waiting, "held": list(s.held), "made": s.made, "fleet": list(s.fleet)}
+            for s in samples[:: round(1 / SAMPLE_EVERY_S)]
+        ],
+        "gateway_logs": stack.gateway_log_tail(),
     }
-    # Each process's share of one core over the run: a process near 1.0 was the bottleneck.
-    results["cpu_share"] = {name: (cpu_after[name] - cpu_before[name]) / wall for name in cpu_after}
-    results["pinning"] = pinning
-    results["baseline_s"] = baseline_end
-    results["surge_s"] = surge_end - baseline_end
+    for service in services:
+        service.pop("jobs", None)
+    results["services"] = services
     return results
+
+
+def _own_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _machine_cpu() -> float:
+    """CPU seconds every process on the machine has used since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def run_revision(args: argparse.Namespace, name: str, revision: str, tree: Path, pinning: tuple[str, str],
+                 settings: ServiceSettings) -> dict[str, Any]:  # fmt: skip
+    """One revision's run on a stack of its own."""
+    capacity = settings.capacity * args.services
+    if name == "today":
+        pool: dict[str, int | float] = {"reserved_for_paid": args.reserved}
+        env = {"QUOTAGATE_CAPACITY_POLL": str(args.capacity_poll)}
+        if args.place_ttl is not None:
+            env["QUOTAGATE_PLACE_TTL"] = str(args.place_ttl)
+    else:
+        pool = {"max_in_flight": args.max_in_flight or math.ceil(capacity / args.replicas),
+                "reserved_for_paid": args.reserved}  # fmt: skip
+        env = {}
+    print(f"==> {name} ({revision}): pools.diffusion {pool}", flush=True)
+    with tempfile.TemporaryDirectory(prefix=f"qg-surge-{name}-") as tmp:
+        stack = Stack(Path(tmp), tree, pinning, env)
+        try:
+            stack.start(settings, args.services, pool, args.replicas)
+            results = uvloop.run(simulate(args, stack, shared_view=name == "today"))
+        finally:
+            stack.stop()
+    results |= {"revision": revision, "pool": pool, "gateway_env": env}
+    return results
+
+
+def git(*arguments: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *arguments], capture_output=True, text=True, check=True).stdout
+
+
+def machine() -> str:
+    model = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")), "unknown CPU"
+    )  # fmt: skip
+    return f"{os.cpu_count()} cores ({model}), Python {sys.version.split()[0]}"
+
+
+def describe(args: argparse.Namespace, settings: ServiceSettings, results: dict[str, Any]) -> str:
+    """The table and what it was measured on."""
+    today, previous = results.get("today"), results.get("previous")
+    capacity = settings.capacity * args.services
+    lines = [
+        f"{results['date']}; {results['machine']}; commit `{results['commit']}`; `{results['command']}`; "
+        f"{results['wall_s']:.0f} s.",
+        "",
+        table(today, previous),
+        "",
+        "How each figure is taken (bench/surge_figures.py): (2) counts the seconds in which at least one free image "
+        "waited (its client told to come back, or its job queued); (4) counts requests for images (POSTs), the "
+        "target's `requests sent`; an async client also GETs its job at each Retry-After, given beside; (5) runs "
+        "from the 202 to the job's request reaching a service, the ETA counted as at least 1 s as the gateway's "
+        "`quotagate_job_eta_error` does; (6) an account's wait is the seconds from first asking for each of its "
+        "images to having it, summed; accounts are compared with those that arrived in the same second (a line "
+        "served in order makes later arrivals wait longer), the index over all accounts at once beside it.",
+        "",
+        f"Load: {args.accounts:,} free accounts over {args.window:.0f} s, {args.images} images each (half honour "
+        f"Retry-After, half use async jobs), {args.paid_rps:.0f} paid requests/s ({args.baseline:.0f} s alone "
+        f"first). {args.services} image services of {settings.slots} slots × {settings.service_ms:.0f} ms "
+        f"(± {settings.jitter:.0%}) and {settings.queue} queued: {capacity} images in flight at most, "
+        f"{settings.images_per_s * args.services:.0f} images/s. {args.replicas} gateway replicas, one worker "
+        f"each; one more at a third of the window, one SIGKILLed at two thirds. Today: capacity learned from "
+        f"the services (polled every {args.capacity_poll:g} s), places leased for {args.place_ttl or 30:g} s, "
+        f"reserved_for_paid {args.reserved}. Previous: max_in_flight "
+        f"{args.max_in_flight or math.ceil(capacity / args.replicas)} per process, reserved_for_paid "
+        f"{args.reserved}; its async clients had no jobs to use and honoured Retry-After as the others did.",
+        "",
+    ]
+    for name, run in (("today", today), ("previous", previous)):
+        if run is None:
+            continue
+        f = run["figures"]
+        kinds = f["requests"]["by_kind"]
+        lines.append(
+            f"{name}: surge {run['surge_end_s'] - run['surge_start_s']:.0f} s from its start to the last free "
+            f"image; images delivered: Retry-After clients {kinds['retry-after']['images']:,} "
+            f"({kinds['retry-after']['posts']:,} POSTs), async clients {kinds['async']['images']:,} "
+            f"({kinds['async']['posts']:,} POSTs, {kinds['async']['gets']:,} GETs); jobs ended "
+            f"{f['requests']['jobs']}; gave up {f['requests']['gave_up']}; free wait median "
+            f"{f['fairness']['median_wait_s']:.1f} s, p99 {f['fairness']['p99_wait_s']:.1f} s; "
+            + (
+                f"jobs started {f['eta']['median_late']:+.0%} after their ETA (median), Retry-After clients let in "
+                f"{f['eta']['retry_after_median_late']:+.0%} after the first turn told; "
+                if f["eta"]["jobs"]
+                else ""
+            )
+            + f"paid answers "
+            f"{f['paid']['statuses']}; services refused {sum(s['refused'] for s in f['in_flight']['by_service'])}, "
+            f"dropped {sum(s['dropped'] for s in f['in_flight']['by_service'])}; events: "
+            + "; ".join(f"{e['event']} at {e['at_s'] - run['surge_start_s']:.0f} s" for e in run["events"])
+            + ". Other answers: "
+            + (", ".join(f"{n} × {what}" for what, n in Counter(f["requests"]["errors"]).most_common(6)) or "none")
+            + ". CPU (share of one core): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in run["cpu_share"].items())
+            + "."
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--accounts", type=int, default=100_000, help="free accounts arriving (default 100,000)")
-    parser.add_argument("--window", type=float, default=240.0, help="seconds over which they arrive (default 240)")
+    parser.add_argument("--accounts", type=int, default=6_000, help="free accounts arriving (default 6,000)")
+    parser.add_argument("--window", type=float, default=120.0, help="seconds over which they arrive (default 120)")
+    parser.add_argument("--images", type=int, default=2, help="images each free account wants (default 2; 3 a day)")
     parser.add_argument("--paid-accounts", type=int, default=50)
-    parser.add_argument("--paid-rps", type=float, default=20.0, help="paid requests per second (default 20)")
+    parser.add_argument("--paid-rps", type=float, default=10.0, help="paid requests per second (default 10)")
     parser.add_argument("--baseline", type=float, default=10.0, help="seconds of paid load alone first")
     parser.add_argument("--tail", type=float, default=3.0, help="seconds of paid load alone after the surge")
-    parser.add_argument("--slots", type=int, default=4, help="images the service makes at a time")
-    parser.add_argument("--service-ms", type=float, default=20.0, help="ms per image")
-    parser.add_argument("--queue", type=int, default=64, help="requests the service lets wait")
-    parser.add_argument("--max-in-flight", type=int, default=8, help="the gateway's bound on the pool (default 8)")
-    parser.add_argument("--reserved", type=float, default=0.5, help="share of it kept for paid plans (default 0.5)")
-    parser.add_argument("--quick", action="store_true", help="10,000 accounts over 60 s: to try the bench")
+    parser.add_argument("--deadline", type=float, help="seconds after which free accounts still trying are stopped "
+                        "(default 4 × window + 60)")  # fmt: skip
+    parser.add_argument("--services", type=int, default=2, help="image services (default 2)")
+    parser.add_argument("--slots", type=int, default=16, help="images a service makes at a time (default 16)")
+    parser.add_argument("--service-ms", type=float, default=500.0, help="ms per image (default 500)")
+    parser.add_argument("--jitter", type=float, default=0.2, help="± share of service-ms drawn evenly (default 0.2)")
+    parser.add_argument("--queue", type=int, default=16, help="images a service lets wait (default 16)")
+    parser.add_argument("--overflow", choices=("hold", "refuse"), default="hold",
+                        help="what a service does with images past its capacity (default hold: they show)")  # fmt: skip
+    parser.add_argument("--replicas", type=int, default=4, help="gateway replicas at the start (default 4)")
+    parser.add_argument(
+        "--max-in-flight", type=int, help="previous: each process's bound (default: capacity ÷ replicas)"
+    )
+    parser.add_argument("--reserved", type=float, default=0.25, help="reserved_for_paid, both revisions (default 0.25)")
+    parser.add_argument("--place-ttl", type=float, help="today: QUOTAGATE_PLACE_TTL (default: the gateway's, 30 s)")
+    parser.add_argument("--capacity-poll", type=float, default=1.0, help="today: QUOTAGATE_CAPACITY_POLL (default 1)")
+    parser.add_argument("--today", default=".", help="the revision measured (default `.`, the working tree)")
+    parser.add_argument("--previous", default=PREVIOUS, help=f"the revision compared with (default {PREVIOUS})")
+    parser.add_argument("--only", choices=("today", "previous"), help="run one revision alone")
+    parser.add_argument("--quick", action="store_true", help="2,400 accounts over 40 s: to try the bench")
     args = parser.parse_args(argv)
     if args.quick:
-        args.accounts, args.window, args.baseline = 10_000, 60.0, 5.0
+        args.accounts, args.window = 2_400, 40.0
+    if args.deadline is None:
+        args.deadline = 4 * args.window + 60
+    settings = ServiceSettings(args.slots, args.service_ms, args.jitter, args.queue, args.overflow == "hold")
     server_core, load_core, _ = cores()
-    pinning = f"gateway on core {server_core}; load generator, image service and redis-server on core {load_core}"
     os.sched_setaffinity(0, {int(load_core)})
     started = time.perf_counter()
-    processes = []
-    with tempfile.TemporaryDirectory(prefix="qg-surge-") as tmp:
-        redis = RedisServer(Path(tmp) / "redis", port=free_port())
-        redis.start()
-        try:
-            service_port, gateway_port = free_port(), free_port()
-            service_env = {"BENCH_SLOTS": str(args.slots), "BENCH_SERVICE_MS": str(args.service_ms),
-                           "BENCH_QUEUE": str(args.queue)}  # fmt: skip
-            uvicorn = [sys.executable, "-m", "uvicorn", "--no-access-log", "--log-level", "warning", "--factory"]
-            service = spawn(load_core, *uvicorn, "--app-dir", str(BENCH), "--port", str(service_port),
-                            "servers:capacity_app", env=service_env)  # fmt: skip
-            processes.append(service)
-            quotas = Path(tmp) / "quotas.yaml"
-            pool = {"MAX_IN_FLIGHT": str(args.max_in_flight), "RESERVED_FOR_PAID": str(args.reserved)}
-            quotas.write_text(functools.reduce(lambda text, item: text.replace(*item), pool.items(), QUOTAS))
-            gateway = spawn(
-                server_core, sys.executable, "-m", "gateway.ops.cli", "serve", "--config", str(quotas),
-                "--redis-url", redis.url, "--upstream", f"diffusion=http://127.0.0.1:{service_port}",
-                "--port", str(gateway_port),
-                env={"QUOTAGATE_KEY_SECRET": SECRET, "PYTHONPATH": str(ROOT)}, log=Path(tmp) / "gateway.log",
-            )  # fmt: skip
-            processes.append(gateway)
-            wait_answering(f"http://127.0.0.1:{service_port}/healthz", service)
-            wait_answering(f"http://127.0.0.1:{gateway_port}/healthz", gateway)
-            with redis_py.Redis.from_url(redis.url) as admin:
-                redis_pid = int(admin.info("server")["process_id"])
-            pids = {"gateway": process_tree(gateway.pid), "image service": [service.pid], "redis-server": [redis_pid]}
-            results = uvloop.run(simulate(args, f"http://127.0.0.1:{gateway_port}", redis.url, pinning, pids))
-        finally:
-            for process in processes:
-                process.terminate()
-                process.wait(10)
-            redis.stop()
+    commit = git("rev-parse", "--short", "HEAD").strip() + ("-dirty" if git("status", "--porcelain").strip() else "")
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "commit": commit,
+        "command": " ".join(["bench/surge.py", *(sys.argv[1:] if argv is None else argv)]),
+        "settings": vars(args),
+        "pinning": f"gateway replicas on core {server_core}; load generator, image services and redis-server on "
+        f"core {load_core}",
+    }
+    with contextlib.ExitStack() as trees:
+        tmp = Path(trees.enter_context(tempfile.TemporaryDirectory(prefix="qg-surge-trees-")))
+        for name, revision in (("previous", args.previous), ("today", args.today)):
+            if args.only and args.only != name:
+                continue
+            tree = trees.enter_context(checked_out(revision, tmp / name))
+            results[name] = run_revision(args, name, revision, tree, (server_core, load_core), settings)
     results["wall_s"] = time.perf_counter() - started
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "surge.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = table(results)
+    (RESULTS / "surge.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    text = describe(args, settings, results)
     (RESULTS / "surge.md").write_text(text + "\n")
     print(text)
-    try:
-        from plots import plot_surge
-    except ImportError:
-        print("matplotlib not installed: no surge.png (pip install '.[bench]')")
-    else:
-        plot_surge(results, RESULTS / "surge.png")
     print(f"\n{results['wall_s']:.0f} s in all; results in {RESULTS}/surge.*")
     return 0
 
