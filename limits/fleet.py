@@ -195,7 +195,8 @@ class Fleet:
         self, pool: str, rules: PoolRules, ticket: str, *, now: float | None = None
     ) -> tuple[int, float] | None:
         """`ticket`'s position in its line (1 is next) and the seconds until its turn; None if not in the line."""
-        reply = await self._call("fleet_position", pool, rules, now, [ticket, rules.ceiling or 0])
+        args = [ticket, rules.ceiling or 0, rules.reserved_for_paid]
+        reply = await self._call("fleet_position", pool, rules, now, args)
         return (reply[0], reply[1] / 1_000_000) if reply else None
 
     async def leave(self, places: list[Place]) -> None:

@@ -139,6 +139,13 @@ local function roomiest(images)
   return nil
 end
 
+-- Places free for `plan` now: within the capacity, and for the lowest priority within its share.
+local function free_for(plan, cap, reserved)
+  local free = cap - held_images('held')
+  if plan.low then free = math.min(free, math.floor(cap * (1 - reserved)) - held_images('held_low')) end
+  return free
+end
+
 -- The backend that takes `images` more for `plan`, after `ahead` images owed to those before it, or nil if
 -- they do not fit: within the capacity and one backend's room, and for the lowest priority within its share
 -- too (a request larger than the whole share needs all of it), so paid plans keep the rest.

@@ -37,7 +37,7 @@ if turn then
   end
   local wait = turn - now
   if wait <= 0 then  -- its turn came and the places are not free yet: it is told when they will be
-    wait = wait_for(plan, ahead + images - (cap - held_images('held')), rate)
+    wait = wait_for(plan, ahead + images - free_for(plan, cap, reserved), rate)
     redis.call('ZADD', plan.line, us(now + wait), held)
     redis.call('ZADD', LAPSE, us(now + wait + grace), held)
   end
@@ -60,7 +60,7 @@ if mine >= account_places then return {-1, 'account_places', cap} end
 
 -- Its turn: when the places of everyone ahead and its own will have drained, and never before the turn
 -- told to anyone ahead of it in this line.
-local due = now + wait_for(plan, ahead + images - (cap - held_images('held')), rate)
+local due = now + wait_for(plan, ahead + images - free_for(plan, cap, reserved), rate)
 if due <= last then due = last + 1 end  -- strictly later: equal turns would be ordered by their random ids
 redis.call('HSET', META, 'due:' .. plan.name, us(due))
 redis.call('ZADD', plan.line, us(due), ticket)

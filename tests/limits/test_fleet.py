@@ -220,3 +220,13 @@ async def test_a_turn_counts_on_the_drain_left_after_what_higher_plans_take(flee
     told = await fleet.enter(POOL, RULES, "free", "f", 1, queue="sync", account_places=1, now=T0)
     assert isinstance(told, Queued)
     assert told.wait == pytest.approx(1 / (4.0 - 0.4), abs=1e-6)  # not 1 / 4.0: pro keeps taking its share
+
+
+async def test_a_free_turn_counts_on_the_free_share_not_the_whole_pool(fleet: Fleet) -> None:
+    await fleet.advertise(POOL, "http://a", 8, 1.0, 100, now=T0)
+    for i in range(6):  # free's share of 8 is 6: all of it taken, 2 places still idle for paid
+        assert isinstance(
+            await fleet.enter(POOL, RULES, "free", f"f{i}", 1, queue="", account_places=1, now=T0), Admitted
+        )
+    told = await fleet.enter(POOL, RULES, "free", "next", 1, queue="sync", account_places=1, now=T0)
+    assert isinstance(told, Queued) and told.wait == 1.0  # one free image must finish first, not none
