@@ -141,12 +141,20 @@ http {{
     return conf
 
 
+# What the stub advertises to the gateway (GET /v1/capacity): room for every request a bench sends at once.
+STUB_CAPACITY = json.dumps(
+    {"slots": 100_000, "queue_images": 0, "queued_images": 0, "running_images": 0, "images_per_s": 1e5, "ready": True}
+)
+
+
 def stub_command(tmp: Path, nginx: str, port: int) -> list[str]:
-    """An nginx answering STUB_ANSWER to every request on `port`: the fast upstream the benches forward to."""
+    """An nginx answering STUB_ANSWER to every request on `port` (and STUB_CAPACITY to the gateway's capacity
+    polls): the fast upstream the benches forward to."""
     conf = nginx_conf(
         tmp,
         "stub",
         f"    listen 127.0.0.1:{port} backlog=4096;\n"
+        f"    location = /v1/capacity {{ default_type application/json; return 200 '{STUB_CAPACITY}'; }}\n"
         f"    location / {{ default_type application/json; return 200 '{STUB_ANSWER}'; }}",
     )
     return [nginx, "-c", str(conf), "-e", str(tmp / "stub" / "error.log")]

@@ -182,7 +182,7 @@ end
 
 -- µs a client told to come back may take past its turn and still go before the later turns: Retry-After is
 -- whole seconds, so one back on time comes up to a second late, then its request's own way to the gateway.
-local RETURN_US = 1500000
+local RETURN_US = 2000000
 
 -- Tickets ahead of one due at `turn` in `plan`'s line: those of higher plans, and its own line's earlier turns
 -- while its own has not come. Once it has, only the earlier sync tickets whose holders are on their way back

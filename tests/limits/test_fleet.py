@@ -190,7 +190,7 @@ async def test_a_place_freed_after_a_turn_waits_for_its_holder_on_the_way_back_t
     assert isinstance(held, Admitted) and isinstance(told, Queued) and isinstance(job, Queued)
     assert (told.wait, job.wait) == (1.0, 2.0)
     await fleet.leave([held.place])
-    # Both turns have come; the sync holder is still within a second and a half of its own: its place waits.
+    # Both turns have come; the sync holder is still within two seconds of its own: its place waits.
     assert await fleet.claim(POOL, RULES, now=T0 + 2.1) is None
     back = await fleet.enter(POOL, RULES, "pro", "s", 1, queue="sync", account_places=1, now=T0 + 2.2)
     assert isinstance(back, Admitted)
@@ -205,9 +205,9 @@ async def test_a_holder_that_does_not_come_back_in_time_loses_its_precedence_not
     job = await fleet.enter(POOL, RULES, "pro", "j", 1, queue="job", account_places=1, now=T0)
     assert isinstance(held, Admitted) and isinstance(told, Queued) and isinstance(job, Queued)
     await fleet.leave([held.place])
-    claimed = await fleet.claim(POOL, RULES, now=T0 + 2.6)  # the holder's turn came 1.6 s ago: the job goes
+    claimed = await fleet.claim(POOL, RULES, now=T0 + 3.1)  # the holder's turn came 2.1 s ago: the job goes
     assert claimed is not None and claimed.job == job.ticket
-    late = await fleet.enter(POOL, RULES, "pro", "s", 1, queue="sync", account_places=1, now=T0 + 2.7)
+    late = await fleet.enter(POOL, RULES, "pro", "s", 1, queue="sync", account_places=1, now=T0 + 3.2)
     assert isinstance(late, Queued) and late.ticket == told.ticket  # still in line, told when a place frees
 
 
