@@ -11,7 +11,7 @@ so a replica that dies gives its places back within their ttl. All time comes fr
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from limits.engine import Engine
@@ -41,11 +41,15 @@ class PoolRules:
     line_cap: int  # tickets one plan's line holds at most
     grace: float  # seconds a sync ticket is kept past its turn for its holder to come back
 
-    def arguments(self) -> list[Any]:
+    arguments: tuple[Any, ...] = field(init=False, repr=False, compare=False)  # the plans, as the scripts read them
+    names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
         args: list[Any] = [len(self.plans)]
         for plan in self.plans:
             args += [plan.name, plan.priority, int(plan.lowest)]
-        return args
+        object.__setattr__(self, "arguments", tuple(args))
+        object.__setattr__(self, "names", tuple(plan.name for plan in self.plans))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +126,7 @@ class Fleet:
     def __init__(self, engine: Engine, *, place_ttl: float = 30.0) -> None:
         self._engine = engine
         self.place_ttl = place_ttl
+        self._keys: dict[tuple[str, tuple[str, ...]], list[str]] = {}  # by pool and plans: built once
 
     async def advertise(
         self, pool: str, backend: str, images: int, images_per_s: float, ttl: float, *, now: float | None = None
@@ -152,12 +157,12 @@ class Fleet:
         With `queue` 'sync' the account holds one ticket per line and comes back for its turn; with 'job'
         it may hold `account_places` jobs there; with '' a request that finds no place is turned away.
         """
-        ticket = ticket or secrets.token_hex(8)
+        token = secrets.token_hex(8)  # the place's id, and the ticket's if it gets one instead
         args = [
             account,
             images,
-            secrets.token_hex(6),
-            ticket,
+            token,
+            ticket or token,
             queue,
             rules.reserved_for_paid,
             rules.ceiling or 0,
@@ -222,10 +227,15 @@ class Fleet:
     async def _call(
         self, name: str, pool: str, rules: PoolRules | tuple[()], now: float | None, args: list[Any]
     ) -> Any:
-        plans = [p.name for p in rules.plans] if isinstance(rules, PoolRules) else []
-        head: list[Any] = ["" if now is None else _us(now)]
-        head += rules.arguments() if isinstance(rules, PoolRules) else [0]
-        return await self._engine.call_script(name, pool_keys(pool, plans), head + args)
+        plans = rules.names if isinstance(rules, PoolRules) else ()
+        keys = self._keys.get((pool, plans))
+        if keys is None:
+            keys = self._keys[(pool, plans)] = pool_keys(pool, list(plans))
+        head: list[Any] = [
+            "" if now is None else _us(now),
+            *(rules.arguments if isinstance(rules, PoolRules) else (0,)),
+        ]
+        return await self._engine.call_script(name, keys, head + args)
 
 
 def _us(seconds: float) -> int:
