@@ -202,13 +202,18 @@ class CapacityWatcher:
 
     async def refresh(self) -> None:
         """A round now, for a request that found no live backend (one may have just come up, or Redis lost the
-        readings): one round at a time, shared by every request waiting on it, and none within a quarter of a
-        second (or a tenth of `every`) of the last."""
+        readings): one round at a time, shared by every request waiting on it, begun at least a quarter of a
+        second (or a tenth of `every`) after the last one began."""
         if self._refreshing is None or self._refreshing.done():
-            if self._clock() - self._last_round < min(self.every / 10, 0.25):
-                return
-            self._refreshing = asyncio.ensure_future(self.poll_once(self._clock()))
+            self._refreshing = asyncio.ensure_future(self._round_soon())
         await asyncio.shield(self._refreshing)
+
+    async def _round_soon(self) -> None:
+        # A round begun just before the backend came up saw it down: wait out the gap, then look again.
+        gap = self._last_round + min(self.every / 10, 0.25) - self._clock()
+        if gap > 0:
+            await asyncio.sleep(gap)
+        await self.poll_once(self._clock())
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll every `every` seconds until `stop` is set."""
