@@ -164,18 +164,8 @@ class StoreGuard:
 
     async def refund(self, account: str, plan: Plan, decision: Decision) -> bool:
         """Give back what `decision` took; False if Redis could not be reached (the images stay charged)."""
-        if not self.breaker.allow():
-            self._metrics.redis_errors.labels("refund").inc()
-            return False
-        try:
-            await self._engine.refund(account, plan.limits, decision)
-        except LimitsError as exc:
-            if isinstance(exc, StoreUnavailable):
-                self.breaker.failed()
-            self._metrics.redis_errors.labels("refund").inc()
-            return False
-        self.breaker.succeeded()
-        return True
+        refund = self.refund_of(account, decision)
+        return True if refund is None else await self.refund_later(refund)
 
     def refund_of(self, account: str, decision: Decision) -> str | None:
         """What refunding `decision` takes, as text to keep (an async job's record), or None if it took nothing."""
