@@ -150,25 +150,15 @@ class Engine:
         A decision that claimed a key is refunded only while it holds the claim: once, and never after
         `keep_answer`.
         """
-        refund = self.refund_of(account, decision)
-        if refund is not None:
-            await self.refund_later(refund, now=now)
+        call = _refund_call(account, decision)
+        if call is not None:
+            await self._call("refund", call[0], [_now_arg(now), *call[1]])
 
     def refund_of(self, account: str, decision: Decision) -> str | None:
         """What refunding `decision` takes, as text another process can keep and act on (`refund_later`);
         None if it took nothing."""
-        if not decision.allowed or decision.cost == 0 or decision.replayed:
-            return None
-        # Only what was charged: a shadow limit that would have refused took nothing.
-        charged = [s for s in decision.states if s.retry_after == 0]
-        buckets = [s.limit for s in charged if isinstance(s.limit, Bucket)]
-        keys = [counter_key(account, s.limit.counter) for s in charged]
-        if decision.idempotency_key is not None and decision.claim is not None:
-            keys.append(idempotency_record(account, decision.idempotency_key))
-        args: list[Any] = [decision.cost, len(buckets), decision.claim or ""]
-        args.extend(b.interval_us for b in buckets)
-        args.extend(s.day_start_us for s in charged if isinstance(s.limit, DailyQuota))
-        return json.dumps([keys, args])
+        call = _refund_call(account, decision)
+        return None if call is None else json.dumps(call)
 
     async def refund_later(self, refund: str, *, now: float | None = None) -> None:
         """Give back what `refund_of` described (once: a second call would give it back again)."""
@@ -248,6 +238,22 @@ class Engine:
             raise StoreUnavailable(f"redis refused the script: {exc}") from exc
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis unavailable: {exc}") from exc
+
+
+def _refund_call(account: str, decision: Decision) -> tuple[list[str], list[Any]] | None:
+    """refund.lua's keys and arguments (but `now`) to give back what `decision` took; None if it took nothing."""
+    if not decision.allowed or decision.cost == 0 or decision.replayed:
+        return None
+    # Only what was charged: a shadow limit that would have refused took nothing.
+    charged = [s for s in decision.states if s.retry_after == 0]
+    buckets = [s.limit for s in charged if isinstance(s.limit, Bucket)]
+    keys = [counter_key(account, s.limit.counter) for s in charged]
+    if decision.idempotency_key is not None and decision.claim is not None:
+        keys.append(idempotency_record(account, decision.idempotency_key))
+    args: list[Any] = [decision.cost, len(buckets), decision.claim or ""]
+    args.extend(b.interval_us for b in buckets)
+    args.extend(s.day_start_us for s in charged if isinstance(s.limit, DailyQuota))
+    return keys, args
 
 
 def _now_arg(now: float | None) -> int | str:

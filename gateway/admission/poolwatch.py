@@ -13,7 +13,6 @@ import logging
 import math
 
 from gateway.admission.places import PoolPlaces
-from gateway.config.quotas import Config
 from gateway.config.reload import LiveConfig
 from gateway.observe.metrics import GatewayMetrics
 
@@ -35,7 +34,7 @@ class PoolWatch:
         config = self._live_config.current
         waits: dict[str, float] = {}
         m = self._metrics
-        for pool in _routed(config):
+        for pool in config.routed_pools:
             state = await self._places.fleet.state(pool, self._places.rules(config, pool))
             m.fleet_capacity.labels(pool).set(state.capacity)
             m.fleet_drain.labels(pool).set(state.images_per_s)
@@ -75,14 +74,9 @@ class PoolWatch:
     def _unknown(self) -> None:
         config = self._live_config.current
         m = self._metrics
-        for pool in _routed(config):
+        for pool in config.routed_pools:
             for gauge in (m.fleet_capacity, m.fleet_drain, m.fleet_backends):
                 gauge.labels(pool).set(math.nan)
             for plan in config.plans:
                 for by_plan in (m.fleet_held, m.line_length, m.line_wait):
                     by_plan.labels(pool, plan).set(math.nan)
-
-
-def _routed(config: Config) -> list[str]:
-    """The pools a route forwards to: the only ones whose state is read (an unrouted pool has no line)."""
-    return sorted({route.upstream for route in config.routes.values()})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from gateway.config.quotas import Plan
 from gateway.errors import ServiceUnavailable
@@ -164,8 +164,7 @@ class StoreGuard:
 
     async def refund(self, account: str, plan: Plan, decision: Decision) -> bool:
         """Give back what `decision` took; False if Redis could not be reached (the images stay charged)."""
-        refund = self.refund_of(account, decision)
-        return True if refund is None else await self.refund_later(refund)
+        return await self._give_back(lambda: self._engine.refund(account, plan.limits, decision))
 
     def refund_of(self, account: str, decision: Decision) -> str | None:
         """What refunding `decision` takes, as text to keep (an async job's record), or None if it took nothing."""
@@ -173,11 +172,14 @@ class StoreGuard:
 
     async def refund_later(self, refund: str) -> bool:
         """Give back what `refund_of` described; False if Redis could not be reached (it stays charged)."""
+        return await self._give_back(lambda: self._engine.refund_later(refund))
+
+    async def _give_back(self, refund: Callable[[], Awaitable[None]]) -> bool:
         if not self.breaker.allow():
             self._metrics.redis_errors.labels("refund").inc()
             return False
         try:
-            await self._engine.refund_later(refund)
+            await refund()
         except LimitsError as exc:
             if isinstance(exc, StoreUnavailable):
                 self.breaker.failed()

@@ -134,11 +134,14 @@ class Config:
     brownouts: Mapping[str, Brownout] = field(default_factory=lambda: MappingProxyType({}))  # by rule name
     # The priority shed first when a pool is full; worked out once per load, not per request.
     lowest_priority: int = field(init=False)
+    # The upstream pools a route forwards to, sorted: those with places and a line; worked out once per load.
+    routed_pools: tuple[str, ...] = field(init=False)
     # The brownout rule of each plan a rule targets (one at most): a request looks its plan up here.
     _brownout_of_plan: Mapping[str, Brownout] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lowest_priority", min((p.priority for p in self.plans.values()), default=0))
+        object.__setattr__(self, "routed_pools", tuple(sorted({route.upstream for route in self.routes.values()})))
         by_plan = {rule.plan.name: rule for rule in self.brownouts.values()}
         object.__setattr__(self, "_brownout_of_plan", MappingProxyType(by_plan))
 

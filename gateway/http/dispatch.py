@@ -64,7 +64,7 @@ class Dispatcher:
         services = self._services
         config = services.config
         started = 0
-        for pool in {route.upstream for route in config.routes.values()}:
+        for pool in config.routed_pools:
             rules = services.places.rules(config, pool)
             while (claimed := await services.places.fleet.claim(pool, rules)) is not None:
                 services.places.hold(claimed.place)
@@ -79,7 +79,7 @@ class Dispatcher:
         services = self._services
         config = services.config
         settled = 0
-        for pool in {route.upstream for route in config.routes.values()}:
+        for pool in config.routed_pools:
             for job_id in await services.places.fleet.orphans(pool, services.places.rules(config, pool)):
                 job = await services.jobs.get(job_id)
                 if job is None or job.status != jobs.RUNNING:
